@@ -1,0 +1,73 @@
+"""The model protocol: what a solver asks of an ε-network.
+
+Two shapes of model are accepted everywhere:
+
+* a plain **ε-function** ``eps_fn(x, t) -> ε`` where ``x`` has shape ``(B, *data)`` and
+  ``t`` is a float tensor of shape ``(B,)`` in continuous time ``(0, 1]``;
+* an **adapter** (subclass of :class:`EpsModel`) whose ``forward_features(x, t)`` returns
+  :class:`ModelOutput` ``(eps, features, temb)`` in one forward pass: ε, the network's
+  last feature map before its output layer and its time embedding.  The curvature head
+  reads the latter two.  ``features`` and ``temb`` may be ``None``.
+
+:func:`as_model` turns either into an adapter, so solvers only deal with one type.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+EpsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+class ModelOutput(NamedTuple):
+    eps: Tensor
+    features: Optional[Tensor] = None
+    temb: Optional[Tensor] = None
+
+
+class EpsModel(nn.Module):
+    """Adapter base class: ``forward(x, t)`` gives ε, ``forward_features`` gives all three."""
+
+    def forward_features(self, x: Tensor, t: Tensor) -> ModelOutput:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.forward_features(x, t).eps
+
+
+class EpsFnModel(EpsModel):
+    """Adapter around a plain ε-function: no features, no time embedding."""
+
+    def __init__(self, eps_fn: EpsFn):
+        super().__init__()
+        self.eps_fn = eps_fn
+
+    def forward_features(self, x: Tensor, t: Tensor) -> ModelOutput:
+        return ModelOutput(self.eps_fn(x, t))
+
+
+def as_model(model) -> EpsModel:
+    """Return ``model`` as an :class:`EpsModel` adapter."""
+    if isinstance(model, EpsModel):
+        return model
+    if callable(model):
+        return EpsFnModel(model)
+    raise TypeError(f"model must be an EpsModel or a callable eps_fn(x, t), got {type(model).__name__}")
+
+
+def checked_call(model: EpsModel, x: Tensor, t: Tensor) -> ModelOutput:
+    """Call the model and check that ε is shaped and typed like its input (no host sync)."""
+    out = model.forward_features(x, t)
+    if not isinstance(out, ModelOutput):
+        raise TypeError(f"forward_features must return a ModelOutput, got {type(out).__name__}")
+    eps = out.eps
+    if not isinstance(eps, Tensor):
+        raise TypeError(f"the model must return a tensor, got {type(eps).__name__}")
+    if eps.shape != x.shape:
+        raise ValueError(f"the model returned eps of shape {tuple(eps.shape)} for input of shape {tuple(x.shape)}")
+    if eps.dtype != x.dtype:
+        raise TypeError(f"the model returned eps of dtype {eps.dtype} for input of dtype {x.dtype}")
+    return out

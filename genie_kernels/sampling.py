@@ -1,0 +1,88 @@
+"""``genie_kernels.sample``: the drop-in entry point."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import solvers
+from .schedules import STRIDINGS, LinearVPSchedule, VPSchedule, check_steps, check_t_end, time_grid
+
+BACKENDS = ("auto", "reference")
+
+# Chosen from bench/test_accuracy.py: on the image mixture, quadratic striding gives every
+# solver (ddim, ab2, ab3, genie_exact) the lowest RMSE at NFE ≤ 10; see README.
+DEFAULT_STRIDING = "quadratic"
+
+
+def check_noise(noise) -> None:
+    if not isinstance(noise, Tensor):
+        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
+    if not noise.is_floating_point():
+        raise TypeError(f"noise must have a floating dtype, got {noise.dtype}")
+    if noise.dim() < 2:
+        raise ValueError(f"noise must be shaped (batch, ...), got shape {tuple(noise.shape)}")
+    if not torch.isfinite(noise).all():
+        raise ValueError("noise contains NaN or inf")
+
+
+def sample(
+    model,
+    noise: Tensor,
+    steps: int,
+    *,
+    solver: str = "genie",
+    head=None,
+    schedule: VPSchedule | None = None,
+    t_end: float = 1e-3,
+    striding: str = DEFAULT_STRIDING,
+    afs: bool = False,
+    denoise: bool = False,
+    backend: str = "auto",
+    callback=None,
+    return_nfe: bool = False,
+):
+    """Sample from a noise-prediction diffusion model by solving the DDIM ODE.
+
+    Args:
+        model: an ε-function ``eps_fn(x, t)`` (t of shape (B,), continuous in (0, 1]) or an
+            :class:`~genie_kernels.models.EpsModel` adapter.
+        noise: the starting noise ``x(t=1) ~ N(0, I)``, shaped ``(B, ...)``.
+        steps: number of solver steps (the time grid has ``steps + 1`` points).
+        solver: ``"genie"`` (needs ``head``), ``"genie_exact"``, ``"ddim"``, ``"ab2"``, ``"ab3"``.
+        head: the distilled derivative head for ``solver="genie"``.
+        schedule: noise schedule; ``None`` is the linear VP schedule (β 0.1 → 20).
+        t_end: the final time, in (0, 1).
+        striding: time grid, ``"quadratic"`` (default), ``"logsnr"`` or ``"uniform"``.
+        afs: analytic first step (saves one network call).
+        denoise: return ``x̂_0 = x̄ − γ_end ε`` after the last step (one more call).
+        backend: ``"auto"`` or ``"reference"`` (the pure-PyTorch path).
+        callback: called after every step with ``{"i", "t", "x", "eps"}``.
+        return_nfe: also return the number of network evaluations used.
+
+    Returns:
+        the sample shaped like ``noise`` (and the NFE if ``return_nfe``).
+    """
+    check_noise(noise)
+    check_steps(steps)
+    check_t_end(t_end)
+    if solver not in solvers.SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {tuple(solvers.SOLVERS)}")
+    if striding not in STRIDINGS:
+        raise ValueError(f"unknown striding {striding!r}; choose one of {STRIDINGS}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if solver == "genie" and head is None:
+        raise ValueError("solver='genie' needs a distilled head (head=...); use solver='genie_exact' without one")
+    if solver != "genie" and head is not None:
+        raise ValueError(f"head= is only used by solver='genie', not {solver!r}")
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+
+    schedule = schedule or LinearVPSchedule()
+    ts = time_grid(schedule, steps, t_end, striding)
+    extra = {"head": head} if solver == "genie" else {}
+    grad = torch.enable_grad() if solver == "genie_exact" else torch.no_grad()
+    with grad:
+        out = solvers.SOLVERS[solver](model, noise, ts, schedule, **extra, afs=afs, denoise=denoise, callback=callback)
+    return (out.sample, out.nfe) if return_nfe else out.sample

@@ -1,0 +1,202 @@
+"""Noise schedules of the variance-preserving process and the time grids of a solver.
+
+A schedule describes ``x_t = α_t x_0 + σ_t ε`` with ``σ_t² = 1 − α_t²`` for
+``t ∈ (0, 1]``.  Everything a solver needs follows from ``log α_t``:
+
+* the noise-to-signal ratio ``γ_t = σ_t / α_t = sqrt(exp(−2 log α_t) − 1)``,
+* the half log-SNR ``λ_t = log(α_t / σ_t) = −log γ_t``,
+* the inverse ``t(γ)``, since ``log α = −½ log(1 + γ²)``,
+* ``dt/dγ = −γ / ((1 + γ²) · d log α/dt)``.
+
+A subclass provides ``log_alpha(t)``, its derivative ``dlog_alpha_dt(t)`` and the
+inverse ``t_from_log_alpha``.  All methods take and return tensors; the solvers keep
+time values in float64, and every method is written with differentiable torch
+operations so that ``torch.func.jvp`` can differentiate a model through ``t``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Striding = Literal["uniform", "quadratic", "logsnr"]
+STRIDINGS = ("uniform", "quadratic", "logsnr")
+
+
+class VPSchedule:
+    """Base class of variance-preserving schedules (see the module docstring)."""
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def dlog_alpha_dt(self, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return self.log_alpha(t).exp()
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return (-torch.expm1(2.0 * self.log_alpha(t))).sqrt()
+
+    def gamma(self, t: Tensor) -> Tensor:
+        """Noise-to-signal ratio ``γ_t = σ_t / α_t``."""
+        return torch.expm1(-2.0 * self.log_alpha(t)).sqrt()
+
+    def lambda_(self, t: Tensor) -> Tensor:
+        """Half log-SNR ``λ_t = log(α_t / σ_t) = −log γ_t``."""
+        return -self.gamma(t).log()
+
+    def t_from_gamma(self, gamma: Tensor) -> Tensor:
+        """Inverse of ``gamma``: ``t(γ)`` with ``log α = −½ log(1 + γ²)``."""
+        return self.t_from_log_alpha(-0.5 * torch.log1p(gamma.square()))
+
+    def dt_dgamma(self, gamma: Tensor) -> Tensor:
+        """``dt/dγ = −γ / ((1 + γ²) · d log α/dt)`` evaluated at ``t(γ)``."""
+        t = self.t_from_gamma(gamma)
+        return -gamma / ((1.0 + gamma.square()) * self.dlog_alpha_dt(t))
+
+
+class LinearVPSchedule(VPSchedule):
+    """Continuous linear-β schedule of DDPM / ScoreSDE.
+
+    ``β(t) = β_min + t β_d`` with ``β_d = β_max − β_min`` and
+    ``log α_t = −½ (β_min t + ½ β_d t²)``.  Its inverse is closed-form:
+    ``t(γ) = (−β_min + sqrt(β_min² + 2 β_d log(1 + γ²))) / β_d``.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        if not 0.0 < beta_min < beta_max:
+            raise ValueError(f"need 0 < beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+        self.beta_min = float(beta_min)
+        self.beta_d = float(beta_max) - float(beta_min)
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        return -0.5 * (self.beta_min * t + 0.5 * self.beta_d * t.square())
+
+    def dlog_alpha_dt(self, t: Tensor) -> Tensor:
+        return -0.5 * (self.beta_min + self.beta_d * t)
+
+    def t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        return (-self.beta_min + (self.beta_min**2 - 4.0 * self.beta_d * log_alpha).sqrt()) / self.beta_d
+
+    def __repr__(self) -> str:
+        return f"LinearVPSchedule(beta_min={self.beta_min}, beta_max={self.beta_min + self.beta_d})"
+
+    def config(self) -> dict:
+        return {"type": "linear", "beta_min": self.beta_min, "beta_max": self.beta_min + self.beta_d}
+
+
+class DiscreteVPSchedule(VPSchedule):
+    """Schedule of a discrete-time model, interpolated in ``log α`` over continuous t.
+
+    ``alphas_cumprod[i]`` (= ``ᾱ_i = α²``) belongs to timestep ``i``, which sits at
+    ``t = (i + 1) / N``; a knot ``t = 0, log α = 0`` is added so the schedule covers
+    ``(0, 1]``.  ``log α`` is piecewise linear in t, hence so is the inverse ``t(log α)``,
+    and both interpolations are exact inverses of each other.
+    """
+
+    def __init__(self, alphas_cumprod):
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten()
+        if ac.numel() < 2:
+            raise ValueError("alphas_cumprod needs at least 2 entries")
+        if not torch.isfinite(ac).all() or (ac <= 0).any() or (ac >= 1).any():
+            raise ValueError("alphas_cumprod must lie strictly inside (0, 1)")
+        if not (ac[1:] < ac[:-1]).all():
+            raise ValueError("alphas_cumprod must be strictly decreasing")
+        n = ac.numel()
+        self.alphas_cumprod = ac
+        self.t_knots = torch.arange(n + 1, dtype=torch.float64) / n
+        self.log_alpha_knots = torch.cat([ac.new_zeros(1), 0.5 * ac.log()])
+
+    @classmethod
+    def from_continuous(cls, schedule: VPSchedule, num_timesteps: int = 1000) -> "DiscreteVPSchedule":
+        """Discretise a continuous schedule: timestep ``i`` ↔ ``t = (i + 1) / num_timesteps``."""
+        t = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
+        return cls((2.0 * schedule.log_alpha(t)).exp())
+
+    @staticmethod
+    def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
+        """Piecewise-linear interpolation, linear extrapolation from the end segments."""
+        xp, fp = xp.to(x.dtype), fp.to(x.dtype)
+        idx = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, xp.numel() - 1)
+        x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+        return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
+
+    def log_alpha(self, t: Tensor) -> Tensor:
+        return self._interp(t, self.t_knots, self.log_alpha_knots)
+
+    def dlog_alpha_dt(self, t: Tensor) -> Tensor:
+        slopes = torch.diff(self.log_alpha_knots) / torch.diff(self.t_knots)
+        idx = torch.searchsorted(self.t_knots.to(t.dtype), t.detach().contiguous()).clamp(1, slopes.numel())
+        return slopes.to(t.dtype)[idx - 1]
+
+    def t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
+        # log α decreases in t: interpolate over the increasing sequence −log α.
+        return self._interp(-log_alpha, -self.log_alpha_knots, self.t_knots)
+
+    def timestep_from_t(self, t: Tensor) -> Tensor:
+        """Continuous timestep index ``i = t N − 1`` (integer at the knots)."""
+        return t * self.alphas_cumprod.numel() - 1.0
+
+    def __repr__(self) -> str:
+        return f"DiscreteVPSchedule(num_timesteps={self.alphas_cumprod.numel()})"
+
+    def config(self) -> dict:
+        return {"type": "discrete", "alphas_cumprod": self.alphas_cumprod.tolist()}
+
+
+def time_grid(
+    schedule: VPSchedule, steps: int, t_end: float = 1e-3, striding: Striding = "logsnr", t_start: float = 1.0
+) -> Tensor:
+    """Decreasing float64 times ``t_0 = t_start > t_1 > … > t_steps = t_end``.
+
+    ``"uniform"``: equal steps in t.  ``"quadratic"``: ``t_i = t_end + (t_start − t_end)·(1 − i/N)²``,
+    dense near ``t_end`` as in DDIM / GENIE.  ``"logsnr"``: equal steps in ``λ = −log γ``.
+    """
+    check_steps(steps)
+    check_t_end(t_end)
+    if not t_end < t_start <= 1.0:
+        raise ValueError(f"t_start must lie in (t_end, 1], got t_start={t_start}, t_end={t_end}")
+    frac = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    if striding == "uniform":
+        ts = t_start + (t_end - t_start) * frac
+    elif striding == "quadratic":
+        ts = t_end + (t_start - t_end) * (1.0 - frac).square()
+    elif striding == "logsnr":
+        ends = torch.tensor([t_start, t_end], dtype=torch.float64)
+        lam = schedule.lambda_(ends)
+        ts = schedule.t_from_gamma(torch.exp(-(lam[0] + (lam[1] - lam[0]) * frac)))
+        ts[0], ts[-1] = t_start, t_end  # remove round-off at the ends
+    else:
+        raise ValueError(f"unknown striding {striding!r}; choose one of {STRIDINGS}")
+    if not (ts[1:] < ts[:-1]).all():
+        raise ValueError("the time grid is not strictly decreasing; use fewer steps or a larger t_end")
+    return ts
+
+
+def check_steps(steps) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+
+
+def check_t_end(t_end) -> None:
+    if not isinstance(t_end, (int, float)) or not math.isfinite(t_end) or not 0.0 < t_end < 1.0:
+        raise ValueError(f"t_end must lie in (0, 1), got {t_end!r}")
+
+
+def schedule_from_config(config: dict) -> VPSchedule:
+    """Rebuild a schedule from its ``config()`` dict (used by checkpoints)."""
+    kind = config.get("type")
+    if kind == "linear":
+        return LinearVPSchedule(config["beta_min"], config["beta_max"])
+    if kind == "discrete":
+        return DiscreteVPSchedule(config["alphas_cumprod"])
+    raise ValueError(f"unknown schedule type {kind!r} in config")
