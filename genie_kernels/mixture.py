@@ -118,6 +118,17 @@ class GaussianMixture(EpsModel):
         log_n = -0.5 * ((flat - self.means).square() / v + v.log() + math.log(2 * math.pi)).sum(-1)
         return torch.logsumexp(self.log_weights + log_n, dim=-1)
 
+    def off_mode_fraction(self, x: Tensor, n_std: float = 4.0) -> float:
+        """Fraction of samples farther than ``n_std`` standard deviations from every mode.
+
+        The distance to component k is the Mahalanobis distance
+        ``sqrt(Σ_d (x_d − μ_kd)² / s_kd²)``; for 2-D data beyond 4 such deviations a point
+        lies where the data density is below e⁻⁸ of its mode's peak.
+        """
+        flat = x.to(torch.float64).reshape(x.shape[0], 1, -1)
+        distance = ((flat - self.means).square() / self.variances).sum(-1).sqrt()
+        return float((distance.min(dim=1).values > n_std).double().mean())
+
 
 def toy_2d(schedule: VPSchedule | None = None, grid: int = 5, spacing: float = 0.75, std: float = 0.05) -> GaussianMixture:
     """The 2-D toy setting: ``grid × grid`` narrow modes on a square lattice, equal weights."""

@@ -152,7 +152,7 @@ class DiscreteVPSchedule(VPSchedule):
 
 
 def time_grid(
-    schedule: VPSchedule, steps: int, t_end: float = 1e-3, striding: Striding = "logsnr", t_start: float = 1.0
+    schedule: VPSchedule, steps: int, t_end: float = 1e-3, striding: Striding = "quadratic", t_start: float = 1.0
 ) -> Tensor:
     """Decreasing float64 times ``t_0 = t_start > t_1 > … > t_steps = t_end``.
 

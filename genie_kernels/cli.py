@@ -1,0 +1,34 @@
+"""Command-line entry: ``python -m genie_kernels <command> [options]``.
+
+Each command lives in its own module, which provides ``add_arguments(parser)`` and
+``run(args) -> int``; its docstring's first line is the command's one-line help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "sample": "genie_kernels.cli_sample",
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m genie_kernels", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    modules = {}
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        doc = (module.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        modules[name] = module
+    args = parser.parse_args(argv)
+    return modules[args.command].run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
