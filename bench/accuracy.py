@@ -1,0 +1,66 @@
+"""Accuracy of the reference solvers on the image-shaped Gaussian mixture.
+
+RMSE of the final sample to the float64 ground-truth ODE solution from the same noise,
+against the number of network evaluations (NFE).  One-call-per-step solvers (ddim,
+ab2, ab3) use ``steps = NFE``.  ``genie_exact`` pays ``1 + JVP_NFE`` evaluations per
+step, so at equal NFE it takes ``NFE // 3`` steps; its column "(steps = NFE)" is the
+accuracy a perfectly distilled head would reach at one call per step.
+
+    python bench/accuracy.py            # prints the markdown tables
+"""
+
+from __future__ import annotations
+
+import torch
+
+import genie_kernels as gk
+from genie_kernels.derivative import JVP_NFE
+
+NFES = (4, 5, 6, 8, 10, 15, 20)
+SOLVERS = ("ddim", "ab2", "ab3")
+
+
+def setting(batch: int = 32, seed: int = 0):
+    schedule = gk.LinearVPSchedule()
+    model = gk.image_mixture((3, 8, 8), components=4, seed=0, schedule=schedule)
+    noise = torch.randn(batch, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return model, noise, gk.ground_truth(model, noise, schedule)
+
+
+def error(model, noise, truth, steps: int, solver: str, striding: str) -> float:
+    if steps < 1:
+        return float("nan")
+    return gk.rmse(gk.sample(model, noise, steps, solver=solver, striding=striding), truth)
+
+
+def rmse_table(model, noise, truth, striding: str = "quadratic") -> dict[str, list[float]]:
+    table = {s: [error(model, noise, truth, n, s, striding) for n in NFES] for s in SOLVERS}
+    per_step = int(1 + JVP_NFE)
+    table["genie_exact"] = [error(model, noise, truth, n // per_step, "genie_exact", striding) for n in NFES]
+    table["genie_exact (steps = NFE)"] = [error(model, noise, truth, n, "genie_exact", striding) for n in NFES]
+    return table
+
+
+def markdown(table: dict[str, list[float]], columns=NFES, first="solver \\ NFE") -> str:
+    lines = [f"| {first} | " + " | ".join(str(c) for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in table.items():
+        lines.append(f"| {name} | " + " | ".join("—" if r != r else f"{r:.2e}" for r in row) + " |")
+    return "\n".join(lines)
+
+
+def striding_table(model, noise, truth, nfe: int = 10) -> dict[str, list[float]]:
+    strides = ("uniform", "quadratic", "logsnr")
+    solvers = SOLVERS + ("genie_exact",)
+    return {s: [error(model, noise, truth, nfe, s, st) for st in strides] for s in solvers}
+
+
+def main() -> None:
+    model, noise, truth = setting()
+    print("RMSE to the ground truth, image mixture 3×8×8, 32 samples, quadratic striding\n")
+    print(markdown(rmse_table(model, noise, truth)))
+    print("\nRMSE at 10 steps by striding\n")
+    print(markdown(striding_table(model, noise, truth), ("uniform", "quadratic", "logsnr"), "solver \\ striding"))
+
+
+if __name__ == "__main__":
+    main()

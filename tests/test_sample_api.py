@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+import genie_kernels as gk
+
+f64 = torch.float64
+
+
+@pytest.fixture
+def mix():
+    return gk.image_mixture((1, 4, 4), components=2, seed=0)
+
+
+@pytest.fixture
+def noise():
+    return torch.randn(3, 1, 4, 4, dtype=f64, generator=torch.Generator().manual_seed(0))
+
+
+def test_sample_returns_a_tensor_shaped_like_noise(mix, noise):
+    for solver in ("ddim", "genie_exact", "ab2", "ab3"):
+        x = gk.sample(mix, noise, 3, solver=solver)
+        assert isinstance(x, torch.Tensor) and x.shape == noise.shape and x.dtype == noise.dtype
+        assert torch.isfinite(x).all()
+
+
+def test_sample_accepts_a_plain_eps_function(mix, noise):
+    plain = lambda x, t: mix(x, t)  # noqa: E731
+    torch.testing.assert_close(gk.sample(plain, noise, 4, solver="ab2"), gk.sample(mix, noise, 4, solver="ab2"))
+
+
+def test_sample_with_a_discrete_schedule_matches_the_solver(noise):
+    schedule = gk.DiscreteVPSchedule.from_continuous(gk.LinearVPSchedule(), 1000)
+    mix = gk.image_mixture((1, 4, 4), components=2, seed=0, schedule=schedule)
+    ts = gk.time_grid(schedule, 5, 1e-3, "logsnr")
+    direct = gk.ab3(mix, noise, ts, schedule).sample
+    torch.testing.assert_close(gk.sample(mix, noise, 5, solver="ab3", schedule=schedule, striding="logsnr"), direct)
+
+
+@pytest.mark.parametrize(
+    "noise_value, error, message",
+    [
+        ([[1.0, 2.0]], TypeError, "torch.Tensor"),
+        (torch.ones(2, 1, 4, 4, dtype=torch.int64), TypeError, "floating"),
+        (torch.ones(16), ValueError, "shape"),
+        (torch.tensor([[[[float("nan")] * 4] * 4]], dtype=f64), ValueError, "NaN"),
+        (torch.full((1, 1, 4, 4), float("inf"), dtype=f64), ValueError, "inf"),
+    ],
+)
+def test_bad_noise_is_rejected(mix, noise_value, error, message):
+    with pytest.raises(error, match=message):
+        gk.sample(mix, noise_value, 3, solver="ddim")
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"steps": 0}, ValueError, "steps"),
+        ({"steps": 3.0}, TypeError, "steps"),
+        ({"t_end": 0.0}, ValueError, "t_end"),
+        ({"t_end": 1.5}, ValueError, "t_end"),
+        ({"t_end": -1e-3}, ValueError, "t_end"),
+        ({"solver": "euler"}, ValueError, "unknown solver"),
+        ({"striding": "cosine"}, ValueError, "unknown striding"),
+        ({"backend": "tpu"}, ValueError, "unknown backend"),
+        ({"solver": "genie"}, ValueError, "needs a distilled head"),
+        ({"solver": "ddim", "head": object()}, ValueError, "only used by solver='genie'"),
+    ],
+)
+def test_bad_arguments_are_rejected(mix, noise, kwargs, error, message):
+    args = {"steps": 3, "solver": "ddim"} | kwargs
+    steps = args.pop("steps")
+    with pytest.raises(error, match=message):
+        gk.sample(mix, noise, steps, **args)
+
+
+@pytest.mark.parametrize(
+    "model, error, message",
+    [
+        (lambda x, t: x[:, :, :2], ValueError, "shape"),
+        (lambda x, t: x.float(), TypeError, "dtype"),
+        (lambda x, t: x.numpy(), TypeError, "tensor"),
+        ("not a model", TypeError, "callable"),
+    ],
+)
+def test_bad_models_are_rejected(noise, model, error, message):
+    with pytest.raises(error, match=message):
+        gk.sample(model, noise, 3, solver="ddim")
+
+
+def test_cli_sample_writes_an_image(tmp_path):
+    from genie_kernels.cli import main
+
+    out = tmp_path / "toy.png"
+    assert main(["sample", "--steps", "5", "--batch", "200", "--solver", "ab2", "--out", str(out)]) == 0
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.size[0] > image.size[1] > 100
