@@ -6,6 +6,9 @@ ab2, ab3) use ``steps = NFE``.  ``genie_exact`` pays ``1 + JVP_NFE`` evaluations
 step, so at equal NFE it takes ``NFE // 3`` steps; its column "(steps = NFE)" is the
 accuracy a perfectly distilled head would reach at one call per step.
 
+The peers from diffusers (bench/peers.py) run on the same model, noise and end time,
+each with its best timestep spacing.
+
     python bench/accuracy.py            # prints the markdown tables
 """
 
@@ -54,10 +57,17 @@ def striding_table(model, noise, truth, nfe: int = 10) -> dict[str, list[float]]
     return {s: [error(model, noise, truth, nfe, s, st) for st in strides] for s in solvers}
 
 
+def peer_table(model, noise, truth) -> dict[str, list[float]]:
+    """diffusers' samplers on the same model and noise, best spacing each (bench/peers.py)."""
+    from peers import best_peer_errors
+
+    return {name: [err for err, _ in row] for name, row in best_peer_errors(model, noise, truth, model.schedule, NFES).items()}
+
+
 def main() -> None:
     model, noise, truth = setting()
     print("RMSE to the ground truth, image mixture 3×8×8, 32 samples, quadratic striding\n")
-    print(markdown(rmse_table(model, noise, truth)))
+    print(markdown(rmse_table(model, noise, truth) | peer_table(model, noise, truth)))
     print("\nRMSE at 10 steps by striding\n")
     print(markdown(striding_table(model, noise, truth), ("uniform", "quadratic", "logsnr"), "solver \\ striding"))
 

@@ -82,7 +82,6 @@ def sample(
     schedule = schedule or LinearVPSchedule()
     ts = time_grid(schedule, steps, t_end, striding)
     extra = {"head": head} if solver == "genie" else {}
-    grad = torch.enable_grad() if solver == "genie_exact" else torch.no_grad()
-    with grad:
+    with torch.no_grad():  # forward-mode AD (genie_exact) works without autograd
         out = solvers.SOLVERS[solver](model, noise, ts, schedule, **extra, afs=afs, denoise=denoise, callback=callback)
     return (out.sample, out.nfe) if return_nfe else out.sample
