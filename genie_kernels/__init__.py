@@ -1,16 +1,22 @@
 """genie_kernels: few-step diffusion sampling with GENIE (second-order Taylor + distilled head)."""
 
+from .adapters import HookedModel, UNet2DAdapter
 from .derivative import exact_deps_dgamma
+from .distill import distill, load_head
 from .ground_truth import ground_truth, ode_solution, rmse
+from .head import ConvHead, MLPHead, combine_mixed
 from .mixture import GaussianMixture, image_mixture, toy_2d
 from .models import EpsModel, ModelOutput, as_model
 from .sampling import sample
 from .schedules import DiscreteVPSchedule, LinearVPSchedule, VPSchedule, time_grid
 from .solvers import SolverOutput, ab2, ab3, ddim, genie, genie_exact
+from .unet import UNet, load_pretrained_unet, load_unet
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "distill", "load_head", "ConvHead", "MLPHead", "combine_mixed", "HookedModel", "UNet2DAdapter",
+    "UNet", "load_unet", "load_pretrained_unet",
     "sample", "ddim", "genie", "genie_exact", "ab2", "ab3", "SolverOutput",
     "LinearVPSchedule", "DiscreteVPSchedule", "VPSchedule", "time_grid",
     "EpsModel", "ModelOutput", "as_model", "exact_deps_dgamma",

@@ -12,6 +12,8 @@ import sys
 
 COMMANDS = {
     "sample": "genie_kernels.cli_sample",
+    "distill": "genie_kernels.cli_distill",
+    "train-base": "genie_kernels.cli_train_base",
 }
 
 

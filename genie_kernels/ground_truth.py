@@ -34,7 +34,7 @@ def ode_solution(model, noise: Tensor, schedule: VPSchedule, ts: Tensor, steps_p
 
     def velocity(xbar: Tensor, s: float) -> Tensor:
         gamma = torch.tensor(math.exp(s), dtype=torch.float64)
-        t = schedule.t_from_gamma(gamma).expand(batch)
+        t = schedule.t_from_gamma(gamma).to(x.device).expand(batch)
         eps = checked_call(model, xbar * float(torch.rsqrt(1 + gamma**2)), t).eps
         return float(gamma) * eps
 

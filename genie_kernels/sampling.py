@@ -6,9 +6,10 @@ import torch
 from torch import Tensor
 
 from . import solvers
+from .head import ConvHead
 from .schedules import STRIDINGS, LinearVPSchedule, VPSchedule, check_steps, check_t_end, time_grid
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
 
 # Chosen from bench/test_accuracy.py: on the image mixture, quadratic striding gives every
 # solver (ddim, ab2, ab3, genie_exact) the lowest RMSE at NFE ≤ 10; see README.
@@ -24,6 +25,24 @@ def check_noise(noise) -> None:
         raise ValueError(f"noise must be shaped (batch, ...), got shape {tuple(noise.shape)}")
     if not torch.isfinite(noise).all():
         raise ValueError("noise contains NaN or inf")
+
+
+def _use_triton(backend: str, solver: str, head, noise: Tensor) -> bool:
+    """Resolve ``backend``; ``"triton"`` raises when the kernels cannot run here."""
+    if backend == "reference":
+        return False
+    from .kernels import triton_status
+
+    supported = solver in ("ddim", "ab2") or (solver == "genie" and isinstance(head, ConvHead))
+    if backend == "auto":
+        return noise.is_cuda and supported and triton_status(noise.device)[0]
+    usable, reason = triton_status(noise.device)
+    if not usable:
+        raise ValueError(f"backend='triton' is not available: {reason}")
+    if not supported:
+        raise ValueError(f"backend='triton' runs ddim, ab2 and genie with a ConvHead, not solver={solver!r} "
+                         f"with {type(head).__name__}; use backend='reference'")
+    return True
 
 
 def sample(
@@ -56,7 +75,9 @@ def sample(
         striding: time grid, ``"quadratic"`` (default), ``"logsnr"`` or ``"uniform"``.
         afs: analytic first step (saves one network call).
         denoise: return ``x̂_0 = x̄ − γ_end ε`` after the last step (one more call).
-        backend: ``"auto"`` or ``"reference"`` (the pure-PyTorch path).
+        backend: ``"reference"`` (the pure-PyTorch path), ``"triton"`` (fused kernels; ddim,
+            ab2 and genie with a conv head) or ``"auto"``: Triton on CUDA where it is
+            installed and supports the solver, else the reference.
         callback: called after every step with ``{"i", "t", "x", "eps"}``.
         return_nfe: also return the number of network evaluations used.
 
@@ -83,5 +104,10 @@ def sample(
     ts = time_grid(schedule, steps, t_end, striding)
     extra = {"head": head} if solver == "genie" else {}
     with torch.no_grad():  # forward-mode AD (genie_exact) works without autograd
-        out = solvers.SOLVERS[solver](model, noise, ts, schedule, **extra, afs=afs, denoise=denoise, callback=callback)
+        if _use_triton(backend, solver, head, noise):
+            from .kernels.sampler import triton_solve
+
+            out = triton_solve(solver, model, noise, ts, schedule, head, afs=afs, denoise=denoise, callback=callback)
+        else:
+            out = solvers.SOLVERS[solver](model, noise, ts, schedule, **extra, afs=afs, denoise=denoise, callback=callback)
     return (out.sample, out.nfe) if return_nfe else out.sample

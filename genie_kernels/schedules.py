@@ -123,7 +123,7 @@ class DiscreteVPSchedule(VPSchedule):
     @staticmethod
     def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:
         """Piecewise-linear interpolation, linear extrapolation from the end segments."""
-        xp, fp = xp.to(x.dtype), fp.to(x.dtype)
+        xp, fp = xp.to(x.device, x.dtype), fp.to(x.device, x.dtype)
         idx = torch.searchsorted(xp, x.detach().contiguous()).clamp(1, xp.numel() - 1)
         x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
         return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
@@ -133,8 +133,8 @@ class DiscreteVPSchedule(VPSchedule):
 
     def dlog_alpha_dt(self, t: Tensor) -> Tensor:
         slopes = torch.diff(self.log_alpha_knots) / torch.diff(self.t_knots)
-        idx = torch.searchsorted(self.t_knots.to(t.dtype), t.detach().contiguous()).clamp(1, slopes.numel())
-        return slopes.to(t.dtype)[idx - 1]
+        idx = torch.searchsorted(self.t_knots.to(t.device, t.dtype), t.detach().contiguous()).clamp(1, slopes.numel())
+        return slopes.to(t.device, t.dtype)[idx - 1]
 
     def t_from_log_alpha(self, log_alpha: Tensor) -> Tensor:
         # log α decreases in t: interpolate over the increasing sequence −log α.

@@ -72,11 +72,12 @@ class _Trajectory:
         return float(self.gammas[n + 1] - self.gammas[n])
 
     def gamma_batch(self, n: int) -> Tensor:
-        return self.gammas[n].expand(self.x.shape[0])
+        """γ_n for every sample, float64, on the model's device."""
+        return self.gammas[n].to(self.x.device).expand(self.x.shape[0])
 
     def model_output(self, n: int) -> ModelOutput:
         self.nfe += 1
-        t = self.ts[n].to(self.x.dtype).expand(self.x.shape[0])
+        t = self.ts[n].to(self.x.device, self.x.dtype).expand(self.x.shape[0])
         return checked_call(self.model, self.x, t)
 
     def analytic_eps(self, n: int) -> Tensor:

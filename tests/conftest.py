@@ -1,7 +1,15 @@
-import pytest
+import os
+
 import torch
 
-import genie_kernels as gk
+# Triton kernels run in the interpreter on machines without CUDA; it must be set before
+# triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import genie_kernels as gk  # noqa: E402
 
 
 @pytest.fixture(scope="session")

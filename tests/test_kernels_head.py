@@ -1,0 +1,118 @@
+"""Fused GroupNorm+SiLU launches, the fused head and the Triton sampler equal their references."""
+
+import pytest
+import torch
+
+import genie_kernels as gk
+from genie_kernels.kernels import triton_status
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+usable, reason = triton_status(DEVICE)
+if not usable:
+    pytest.skip(reason, allow_module_level=True)
+
+from genie_kernels.head import ConvHead, combine_mixed  # noqa: E402
+from genie_kernels.kernels.group_norm import group_norm_silu, group_norm_silu_reference  # noqa: E402
+from genie_kernels.kernels.head_blocks import fused_head_k  # noqa: E402
+from genie_kernels.models import ModelOutput  # noqa: E402
+
+# (dtype, atol, rtol) against the float64 reference: float32 statistics make the
+# float32 result exact to ~1e-6; half precision is bounded by the output rounding.
+TOLERANCES = [(torch.float32, 2e-5, 1e-5), (torch.float16, 4e-3, 4e-3), (torch.bfloat16, 3e-2, 2e-2)]
+SHAPES = [((1, 4, 3, 5), 2), ((2, 12, 7, 9), 4), ((3, 6, 1, 1), 3), ((1, 8, 40, 60), 2)]  # last: group > one block
+
+
+@pytest.mark.parametrize("shape, groups", SHAPES)
+@pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
+@pytest.mark.parametrize("fold", ["none", "bias", "residual", "both"])
+def test_group_norm_silu_matches_reference(shape, groups, dtype, atol, rtol, fold):
+    gen = torch.Generator().manual_seed(len(fold) + shape[1])
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    b, c = shape[:2]
+    h, weight, shift = rand(*shape) * 3 + 1, rand(c), rand(c)
+    kwargs = {}
+    if fold in ("bias", "both"):
+        kwargs["bias"] = rand(b, c)
+    if fold in ("residual", "both"):
+        kwargs |= {"residual": rand(*shape), "residual_scale": 2**-0.5}
+    cast = {k: v.to(DEVICE, dtype) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    out, y = group_norm_silu(h.to(DEVICE, dtype), weight.to(DEVICE, dtype), shift.to(DEVICE, dtype), groups, **cast)
+    ref_out, ref_y = group_norm_silu_reference(h, weight, shift, groups, **kwargs)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double().cpu(), ref_out, atol=atol, rtol=rtol)
+    if "residual" in kwargs:
+        torch.testing.assert_close(y.double().cpu(), ref_y, atol=atol, rtol=rtol)
+    else:
+        assert y is None
+
+
+def test_group_norm_statistics_survive_a_large_mean():
+    """Two-pass statistics: a mean of 1e4 with unit spread is still normalised correctly in float32."""
+    h = torch.randn(2, 4, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 1e4
+    w, s = torch.ones(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    out, _ = group_norm_silu(h.float().to(DEVICE), w.float().to(DEVICE), s.float().to(DEVICE), 2)
+    ref, _ = group_norm_silu_reference(h, w, s, 2)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=5e-3, rtol=5e-3)
+
+
+def test_group_norm_silu_rejects_bad_input():
+    h = torch.randn(2, 6, 4, 4, device=DEVICE)
+    w = torch.ones(6, device=DEVICE)
+    with pytest.raises(ValueError, match="divisible"):
+        group_norm_silu(h, w, w, 4)
+    with pytest.raises(ValueError, match="bias"):
+        group_norm_silu(h, w, w, 3, bias=torch.ones(6, device=DEVICE))
+    with pytest.raises(ValueError, match="residual"):
+        group_norm_silu(h, w, w, 3, residual=h[:1])
+
+
+def random_head(num_blocks, temb_channels, dtype=torch.float32):
+    torch.manual_seed(num_blocks + temb_channels)
+    head = ConvHead(3, feature_channels=5, temb_channels=temb_channels, nf=16, num_blocks=num_blocks, groups=4)
+    for p in head.parameters():  # conv_out starts at zero; give every weight some size
+        torch.nn.init.normal_(p, std=0.2)
+    return head.to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("num_blocks, temb_channels", [(0, 0), (1, 0), (2, 24)])
+def test_fused_head_equals_reference_head(num_blocks, temb_channels):
+    head = random_head(num_blocks, temb_channels)
+    gen = torch.Generator().manual_seed(5)
+    x, eps, features = (torch.randn(2, c, 6, 7, generator=gen).to(DEVICE) for c in (3, 3, 5))
+    temb = torch.randn(2, temb_channels, generator=gen).to(DEVICE) if temb_channels else None
+    out, gamma = ModelOutput(eps, features, temb), torch.tensor([0.3, 40.0], device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(combine_mixed(fused_head_k(head, x, out, gamma), gamma), head(x, out, gamma),
+                                   atol=2e-5, rtol=1e-5)
+
+
+class FeatureMixture(gk.EpsModel):
+    """The analytic mixture with a fake feature map, so a conv head has features to read."""
+
+    def __init__(self):
+        super().__init__()
+        self.mix = gk.image_mixture((3, 6, 6), components=3, seed=2)
+
+    def forward_features(self, x, t):
+        eps = self.mix(x, t)
+        return ModelOutput(eps, torch.cat([eps, x], 1)[:, :5].contiguous(), None)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "ab2", "genie"])
+@pytest.mark.parametrize("afs, denoise", [(False, False), (True, True)])
+def test_triton_sampler_equals_reference(solver, afs, denoise):
+    model = FeatureMixture().to(DEVICE).float()
+    head = random_head(1, 0) if solver == "genie" else None
+    noise = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    kwargs = dict(solver=solver, head=head, afs=afs, denoise=denoise, return_nfe=True)
+    ref, ref_nfe = gk.sample(model, noise, 5, backend="reference", **kwargs)
+    got, nfe = gk.sample(model, noise, 5, backend="triton", **kwargs)
+    assert nfe == ref_nfe
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_backend_rejects_what_it_cannot_run():
+    mix = gk.image_mixture((3, 4, 4))
+    noise = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend='triton' runs"):
+        gk.sample(mix, noise, 3, solver="genie_exact", backend="triton")

@@ -1,0 +1,75 @@
+"""The fused Taylor-update kernel equals its PyTorch twin (and the float64 maths)."""
+
+import pytest
+import torch
+
+from genie_kernels.kernels import triton_status
+
+usable, reason = triton_status("cuda" if torch.cuda.is_available() else "cpu")
+if not usable:
+    pytest.skip(reason, allow_module_level=True)
+
+from genie_kernels.kernels.update import taylor_update, taylor_update_reference  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SHAPES = [(1, 3, 5, 7), (2, 4, 9, 1), (3, 6, 11, 13), (1, 1, 1, 1)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def make_inputs(shape, dtype, mode, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    b, c, *rest = shape
+    rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    xbar = (rand(*shape) * 5).float()  # the state stays float32 for low-precision models
+    if dtype == torch.float64:
+        xbar = xbar.double()
+    eps = rand(*shape).to(dtype)
+    aux = {"ddim": None, "genie": rand(b, 3 * c, *rest).to(dtype), "ab2": rand(*shape).to(dtype)}[mode]
+    gammas = torch.tensor([152.2, 40.0, 3.1, 0.7, 0.0105], dtype=torch.float64)
+    move = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return move(xbar), move(eps), move(aux), move(gammas)
+
+
+@pytest.mark.parametrize("mode", ["ddim", "genie", "ab2"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("step", [1, 3])
+def test_update_kernel_matches_reference_within_error_budget(mode, shape, dtype, step):
+    xbar, eps, aux, gammas = make_inputs(shape, dtype, mode, seed=step)
+    got = taylor_update(xbar, eps, gammas, step, mode, aux)
+    same_dtype = taylor_update_reference(xbar, eps, gammas, step, mode, aux)
+    exact = taylor_update_reference(xbar.double(), eps.double(), gammas, step, mode, None if aux is None else aux.double())
+    for kernel_out, ref_out, exact_out in zip(got, same_dtype, exact):
+        assert kernel_out.dtype == ref_out.dtype and kernel_out.shape == ref_out.shape
+        allowance = error_budget(exact_out, kernel_out.dtype)
+        assert ((ref_out.double() - exact_out).abs() <= allowance).all()  # the budget holds for PyTorch
+        assert ((kernel_out.double() - exact_out).abs() <= allowance).all()
+
+
+def error_budget(exact, dtype):
+    """Per element: twice the best rounding error of the output dtype (two half-ulps, which
+    also covers the CPU interpreter's truncating float32 → bfloat16 cast), plus the float32
+    (float64) arithmetic error on the scale of the step's terms."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.finfo(dtype).eps * exact.abs() + 16 * torch.finfo(compute).eps * exact.abs().max()
+
+
+def test_update_kernel_rejects_bad_input():
+    xbar, eps, aux, gammas = make_inputs((1, 3, 4, 4), torch.float32, "genie")
+    with pytest.raises(ValueError, match="head output k"):
+        taylor_update(xbar, eps, gammas, 1, "genie", eps)
+    with pytest.raises(ValueError, match="outside the γ grid"):
+        taylor_update(xbar, eps, gammas, 4, "genie", aux)
+    with pytest.raises(ValueError, match="previous step"):
+        taylor_update(xbar, eps, gammas, 0, "ab2", eps)
+    with pytest.raises(ValueError, match="unknown update mode"):
+        taylor_update(xbar, eps, gammas, 1, "euler")
+    with pytest.raises(ValueError, match="contiguous"):
+        taylor_update(xbar.transpose(2, 3), eps.transpose(2, 3), gammas, 1, "ddim")
+
+
+def test_update_is_a_registered_custom_op():
+    xbar, eps, aux, gammas = make_inputs((2, 3, 4, 4), torch.float32, "genie")
+    # The CPU interpreter would run the kernel on fake tensors, so the fake-tensor check needs CUDA.
+    checks = ("test_schema", "test_faketensor") if DEVICE == "cuda" else ("test_schema",)
+    torch.library.opcheck(torch.ops.genie_kernels.taylor_update.default, (xbar, eps, aux, gammas, 2, "genie"), test_utils=checks)
