@@ -7,6 +7,7 @@ from .ground_truth import ground_truth, ode_solution, rmse
 from .head import ConvHead, MLPHead, combine_mixed
 from .mixture import GaussianMixture, image_mixture, toy_2d
 from .models import EpsModel, ModelOutput, as_model
+from .pretrained import load_pretrained
 from .sampling import sample
 from .schedules import DiscreteVPSchedule, LinearVPSchedule, VPSchedule, time_grid
 from .solvers import SolverOutput, ab2, ab3, ddim, genie, genie_exact
@@ -16,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "distill", "load_head", "ConvHead", "MLPHead", "combine_mixed", "HookedModel", "UNet2DAdapter",
-    "UNet", "load_unet", "load_pretrained_unet",
+    "UNet", "load_unet", "load_pretrained_unet", "load_pretrained",
     "sample", "ddim", "genie", "genie_exact", "ab2", "ab3", "SolverOutput",
     "LinearVPSchedule", "DiscreteVPSchedule", "VPSchedule", "time_grid",
     "EpsModel", "ModelOutput", "as_model", "exact_deps_dgamma",

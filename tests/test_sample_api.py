@@ -91,7 +91,7 @@ def test_cli_sample_writes_an_image(tmp_path):
     from genie_kernels.cli import main
 
     out = tmp_path / "toy.png"
-    assert main(["sample", "--steps", "5", "--batch", "200", "--solver", "ab2", "--out", str(out)]) == 0
+    assert main(["sample", "--model", "toy2d", "--steps", "5", "--batch", "200", "--solver", "ab2", "--out", str(out)]) == 0
     from PIL import Image
 
     with Image.open(out) as image:
