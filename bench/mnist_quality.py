@@ -1,0 +1,68 @@
+"""RMSE to the ground-truth ODE solution on the bundled MNIST model, solvers vs NFE.
+
+    python bench/mnist_quality.py [--model mnist|DIR] [--samples 16] [--nfes 4,5,6,8,10]
+
+Same noise for every method; the ground truth is the float64 RK4 solution
+(:func:`genie_kernels.ground_truth`) from t = 1 to t_end = 1e-3, and every method stops
+at t_end (the diffusers peers too, see bench/peers.py).  NFE counts network calls; the
+genie rows use the distilled head, whose measured cost (a fraction of one call) is
+printed separately.  ``genie + AFS`` spends its NFE on steps 2…N+1 after the analytic
+first step.  ``genie_exact`` is listed at NFE // 3 steps (a JVP counts as 2 calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import genie_kernels as gk  # noqa: E402
+from accuracy import markdown  # noqa: E402
+from peers import best_peer_errors  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="mnist")
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--nfes", default="4,5,6,8,10")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--steps-per-unit", type=float, default=25.0,
+                   help="RK4 steps per unit of log γ for the ground truth (default 25: ~250 steps, error ≪ 1e-4)")
+    args = p.parse_args()
+    nfes = [int(n) for n in args.nfes.split(",")]
+
+    model, head, schedule = gk.load_pretrained(args.model)
+    model = model.double()
+    head = head.double()
+    noise = torch.randn(args.samples, model.in_channels, model.image_size, model.image_size,
+                        generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+    start = time.perf_counter()
+    truth = gk.ground_truth(model, noise, schedule, steps_per_unit=args.steps_per_unit)
+    print(f"ground truth: {time.perf_counter() - start:.0f} s for {args.samples} samples")
+
+    def err(solver, steps, **kw):
+        if steps < 1:
+            return float("nan")
+        return gk.rmse(gk.sample(model, noise, steps, solver=solver, schedule=schedule, **kw), truth)
+
+    table = {s: [err(s, n) for n in nfes] for s in ("ddim", "ab2", "ab3")}
+    table["genie (head)"] = [err("genie", n, head=head) for n in nfes]
+    table["genie (head) + AFS"] = [err("genie", n + 1, head=head, afs=True) for n in nfes]
+    table["ddim + AFS"] = [err("ddim", n + 1, afs=True) for n in nfes]
+    table["genie_exact"] = [err("genie_exact", n // 3) for n in nfes]
+    if not args.no_peers:
+        peers = best_peer_errors(model, noise, truth, schedule, nfes)
+        table |= {name: [e for e, _ in row] for name, row in peers.items()}
+    print(f"\nRMSE to the ground truth, {args.samples} samples, quadratic striding; head cost {head.nfe_overhead:.3f} of a call\n")
+    print(markdown(table, nfes))
+
+
+if __name__ == "__main__":
+    main()
