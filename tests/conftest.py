@@ -32,3 +32,12 @@ def image_noise():
 def image_truth(image_mix, image_noise, schedule):
     """Float64 RK4 ground truth at t_end = 1e-3 from ``image_noise``."""
     return gk.ground_truth(image_mix, image_noise, schedule, t_end=1e-3)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,12 +15,7 @@ TINY_UNET = {"image_size": 8, "in_channels": 1, "channels": 8, "channel_mults": 
              "attn_resolutions": [4], "norm_groups": 4, "time_scale": 1000.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster and steadier
 
 
 def tiny_images(n=16, seed=0):
