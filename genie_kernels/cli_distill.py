@@ -83,6 +83,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema", type=float, default=0.0, help="EMA decay of the head's weights, 0 for none (default 0)")
     g.add_argument("--seed", type=int, default=0, help="seed of the head's initialisation and of every draw (default 0)")
     g.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="head and data dtype (default float32)")
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this much training wall time, validate and save; --resume continues (default: no limit)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="checkpoint every N steps, 0 for only at the end (default 500)")
     g.add_argument("--validate-every", type=int, default=500, help="validate every N steps, 0 for only at the end (default 500)")
     g.add_argument("--val-size", type=int, default=64, help="held-out samples per t-bucket, 0 for no validation (default 64)")
@@ -193,6 +195,7 @@ def run(args) -> int:
                          ema_decay=args.ema, seed=args.seed, out=args.out,
                          checkpoint_every=args.checkpoint_every, resume=args.resume,
                          validate_every=args.validate_every, val_size=args.val_size, val_buckets=args.val_buckets,
+                         time_limit=None if args.max_minutes is None else 60.0 * args.max_minutes,
                          progress=not args.no_progress)
     except (ValueError, TypeError, FileExistsError, FloatingPointError) as err:
         kind = "checkpoint error" if isinstance(err, CheckpointError) else "error"

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import time
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
@@ -294,6 +295,7 @@ def distill(
     val_buckets: int = 5,
     progress: bool = True,
     callback: Optional[Callable[[int, float], None]] = None,
+    time_limit: float | None = None,
 ) -> DistillResult:
     """Distil ``head`` onto the exact dε/dγ of the frozen ``model`` (see the module docstring).
 
@@ -323,6 +325,10 @@ def distill(
         progress: show a progress bar with the loss and the speed, and the validation
             reports (rank 0).
         callback: ``callback(step, loss)`` after every step.
+        time_limit: stop after this many seconds of training (checked after each step);
+            the run then ends as if ``steps`` were reached — validation, the head's cost,
+            the checkpoint — and ``resume=True`` continues it later.  With the cosine
+            schedule the learning rate is where step ``s`` of ``steps`` puts it.
 
     Returns:
         :class:`DistillResult`.  At the end the head's cost relative to one network call is
@@ -428,6 +434,10 @@ def distill(
         ids = [device.index] if device.type == "cuda" else None
         train_head = nn.parallel.DistributedDataParallel(head, device_ids=ids)
     local = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+    if time_limit is not None and not time_limit > 0:
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    last = start
     head.train()
     bar = tqdm(total=steps, initial=start, desc="distill", unit="it", disable=not progress or rank != 0)
     try:
@@ -466,16 +476,29 @@ def distill(
                 save(step)
             if callback is not None:
                 callback(step, value)
-        if start < steps:
-            validate(steps, bar)
+            last = step
+            if deadline is not None and step != steps and _any_rank(time.monotonic() > deadline, device, world):
+                bar.write(f"time limit of {time_limit:.0f} s reached at step {step}; resume to continue")
+                break
+        if start < last:
+            validate(last, bar)
             measure_overhead()
-            save(steps)
+            save(last)
     finally:
         bar.close()
     if world > 1:
         dist.barrier()
     final = ema_head if ema_head is not None else head
-    return DistillResult(final.eval(), losses, validation, max(start, steps))
+    return DistillResult(final.eval(), losses, validation, last)
+
+
+def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    """``flag`` or-ed over the DDP ranks, so that they all stop at the same step."""
+    if world == 1:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _kept(path: Path | None) -> str:

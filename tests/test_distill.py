@@ -93,6 +93,25 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_time_limit_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    distill_module = sys.modules["genie_kernels.distill"]
+    mixture = small_mixture()
+    full = run(small_head(), mixture, steps=8, ema_decay=0.5)
+    clock = iter(range(1000))  # one "second" per reading: the deadline (3 s) passes at step 3
+    monkeypatch.setattr(distill_module, "time", SimpleNamespace(monotonic=lambda: float(next(clock))))
+    path = tmp_path / "timed.safetensors"
+    cut = run(small_head(), mixture, steps=8, ema_decay=0.5, out=path, time_limit=2.5)
+    monkeypatch.undo()
+    assert cut.step == read_config(path)["step"] == len(cut.losses) < 8
+    assert cut.losses == full.losses[:cut.step]
+    resumed = run(small_head(seed=7), mixture, steps=8, ema_decay=0.5, out=path, resume=True)
+    assert resumed.step == 8 and resumed.losses == full.losses
+    with pytest.raises(ValueError, match="time_limit"):
+        run(small_head(), mixture, time_limit=0)
+
+
 def _ddp_problem():
     mixture = small_mixture()
     return mixture, small_head(torch.float64)
