@@ -15,8 +15,29 @@ from .unet import UNet, load_pretrained_unet, load_unet
 
 __version__ = "0.1.0"
 
+
+def backends() -> dict[str, tuple[bool, str]]:
+    """Which sampling back ends can run here: name -> ``(available, reason)``.
+
+    ``"reference"`` (pure PyTorch, always), ``"triton"`` (the fused Triton kernels),
+    ``"cpp"`` (the C++/CUDA extension; checked without building it) and ``"cuda_graph"``.
+    """
+    import torch
+
+    from . import ext
+    from .kernels import triton_status
+
+    cuda = torch.cuda.is_available()
+    return {
+        "reference": (True, "pure PyTorch"),
+        "triton": triton_status("cuda" if cuda else "cpu"),
+        "cpp": ext.status(),
+        "cuda_graph": (True, f"CUDA graphs on {torch.cuda.get_device_name()}") if cuda else (False, "CUDA is not available"),
+    }
+
+
 __all__ = [
-    "distill", "load_head", "ConvHead", "MLPHead", "combine_mixed", "HookedModel", "UNet2DAdapter",
+    "backends", "distill", "load_head", "ConvHead", "MLPHead", "combine_mixed", "HookedModel", "UNet2DAdapter",
     "UNet", "load_unet", "load_pretrained_unet", "load_pretrained",
     "sample", "ddim", "genie", "genie_exact", "ab2", "ab3", "SolverOutput",
     "LinearVPSchedule", "DiscreteVPSchedule", "VPSchedule", "time_grid",
