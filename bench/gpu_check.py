@@ -14,6 +14,16 @@
    dε/dγ is part of the update kernel on the fused path.
 5. ``sample(..., backend="triton")`` vs ``backend="reference"`` for 10-step GENIE and
    DDIM at batch 1 and 256, fp16, on a random-weight UNet of this package (32×32×3).
+6. The whole loop in one CUDA graph (:class:`genie_kernels.GenieSampler`): 10-step GENIE
+   latency at batch 1 and throughput at batch 256, fp16, for the bundled MNIST model and
+   a diffusers ``UNet2DModel`` with the DDPM CIFAR-10 architecture (35.7 M parameters,
+   random weights), against the eager reference loop, the Triton loop, a diffusers
+   ``DDIMScheduler`` loop and the reference loop around a
+   ``torch.compile(mode="reduce-overhead")`` network; the graphed DDIM loop with the same
+   network (what head + update add); capture time; how long the host waits in a replay.
+
+The C++ extension is built first (JIT, nvcc, sm_90 only).  Parts that would overrun the
+time budget (``--budget`` seconds, default 420) are skipped and say so.
 
 Times are medians of CUDA-event timings (triton.testing.do_bench); ratios are taken side
 by side in this one process.
@@ -45,13 +55,22 @@ def bench(fn, rep_ms: int = 200) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=rep_ms, return_mode="median")
 
 
+def build_extension() -> None:
+    from genie_kernels import ext
+
+    start = time.perf_counter()
+    ext.load()
+    row("C++/CUDA extension (JIT build)", f"{ext.status()[1]} in {time.perf_counter() - start:.0f} s")
+
+
 def run_tests() -> None:
     import pytest
 
     start = time.perf_counter()
-    code = pytest.main(["-q", "-p", "no:cacheprovider", str(ROOT / "tests/test_kernels_update.py"),
-                        str(ROOT / "tests/test_kernels_head.py")])
-    row("GPU kernel tests", f"{'passed' if code == 0 else f'FAILED (pytest exit {int(code)})'} in {time.perf_counter() - start:.0f} s")
+    files = ["test_kernels_update.py", "test_kernels_head.py", "test_ext.py", "test_backends.py"]
+    code = pytest.main(["-q", "-p", "no:cacheprovider", "-x", *(str(ROOT / "tests" / f) for f in files)])
+    row("GPU tests (kernels, C++ op, CUDA graphs)",
+        f"{'passed' if code == 0 else f'FAILED (pytest exit {int(code)})'} in {time.perf_counter() - start:.0f} s")
 
 
 def copy_bandwidth() -> float:
@@ -143,26 +162,162 @@ def sampler() -> None:
                 f"{times['reference']:.2f} / {times['triton']:.2f} ms ({times['reference'] / times['triton']:.2f}x), rel diff {rel:.1e}")
 
 
+def cifar10_unet():
+    """diffusers ``UNet2DModel`` with the DDPM CIFAR-10 architecture, random weights."""
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                       block_out_channels=(128, 256, 256, 256),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=32, norm_eps=1e-6, flip_sin_to_cos=False, freq_shift=1,
+                       downsample_padding=0, attention_head_dim=None)
+
+
+def models_for_graphs():
+    """``{name: (adapter, head, shape, diffusers unet or None)}``, fp16 on the GPU."""
+    import genie_kernels as gk
+    from genie_kernels.head import ConvHead
+
+    mnist, mnist_head, _ = gk.load_pretrained("mnist")
+    torch.manual_seed(0)
+    unet = cifar10_unet().cuda().half().eval()
+    cifar = gk.UNet2DAdapter(unet, jvp_safe=False)
+    head = ConvHead(3, feature_channels=128, temb_channels=512, nf=128, num_blocks=1, groups=32)
+    for p in head.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    return {
+        "MNIST 1.1M": (mnist.cuda().half().eval(), mnist_head.cuda().half().eval(), (1, 28, 28), None),
+        "CIFAR10 DDPM 35.7M": (cifar, head.cuda().half().eval(), (3, 32, 32), unet),
+    }
+
+
+def diffusers_ddim_loop(unet, noise, steps=10):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(steps)
+    x = noise
+    for t in scheduler.timesteps:
+        x = scheduler.step(unet(x, t, return_dict=False)[0], t, x, return_dict=False)[0]
+    return x
+
+
+def host_wait_ms(sampler, noise) -> tuple[float, float]:
+    """(host time of one call, device time of it): a call without host sync returns early."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
+    start.record()
+    sampler(noise)
+    end.record()
+    host = (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize()
+    return host, start.elapsed_time(end)
+
+
+def whole_loop_graphs(deadline: float) -> None:
+    import genie_kernels as gk
+    from genie_kernels.graph import GenieSampler
+
+    for name, (model, head, shape, unet) in models_for_graphs().items():
+        for batch in (1, 256):
+            if time.perf_counter() > deadline:
+                row(f"{name} b{batch}", "skipped: time budget")
+                continue
+            noise = torch.randn(batch, *shape, device="cuda", dtype=torch.float16)
+            genie = GenieSampler(model, 10, solver="genie", head=head, check_finite=False)
+            ddim = GenieSampler(model, 10, solver="ddim", check_finite=False)
+            genie(noise), ddim(noise)
+            rep = 300 if batch == 1 else 600
+            times = {
+                "reference": bench(lambda: gk.sample(model, noise, 10, solver="genie", head=head, backend="reference"), rep),
+                "triton": bench(lambda: gk.sample(model, noise, 10, solver="genie", head=head, backend="triton"), rep),
+                "graph": bench(lambda: genie(noise), rep),
+                "graph ddim": bench(lambda: ddim(noise), rep),
+            }
+            if unet is not None:
+                times["diffusers DDIM"] = bench(lambda: diffusers_ddim_loop(unet, noise), rep)
+            unit = "ms" if batch == 1 else "samples/s"
+            shown = {k: (f"{v:.2f}" if batch == 1 else f"{batch / v * 1e3:.0f}") for k, v in times.items()}
+            row(f"{name} b{batch} 10-step GENIE ({unit}): " + " / ".join(shown), " / ".join(shown.values()))
+            row(f"{name} b{batch}: head + update over graphed DDIM", f"+{100 * (times['graph'] / times['graph ddim'] - 1):.1f}%")
+            row(f"{name} b{batch}: capture (2 warm-up loops + capture)", f"{genie.capture_seconds:.2f} s")
+            host, device = host_wait_ms(genie, noise)
+            row(f"{name} b{batch}: one call, host returns after / device runs", f"{host:.2f} / {device:.2f} ms")
+            ref = gk.sample(model, noise, 10, solver="genie", head=head, backend="reference").float()
+            rel = float((genie(noise).float() - ref).norm() / ref.norm())
+            row(f"{name} b{batch}: graph vs reference rel. diff (fp16)", f"{rel:.1e}")
+
+
+def compiled_loops(deadline: float) -> None:
+    """Batch 1, CIFAR-10 UNet: the graph with a compiled network vs reduce-overhead compile."""
+    import genie_kernels as gk
+    from genie_kernels.graph import GenieSampler
+
+    name = "CIFAR10 DDPM 35.7M"
+    model, head, shape, _ = models_for_graphs()[name]
+    noise = torch.randn(1, *shape, device="cuda", dtype=torch.float16)
+    start = time.perf_counter()
+    genie = GenieSampler(model, 10, solver="genie", head=head, compile_model=True, check_finite=False)
+    genie(noise)
+    row(f"{name} b1: compile + capture", f"{time.perf_counter() - start:.0f} s")
+    graphed = bench(lambda: genie(noise), 300)
+    if time.perf_counter() > deadline:
+        row(f"{name} b1 10-step GENIE, graph + compiled network", f"{graphed:.2f} ms (reduce-overhead skipped: time budget)")
+        return
+    plain = gk.UNet2DAdapter(model.unet, jvp_safe=False)
+    plain.forward_features = torch.compile(plain.forward_features, mode="reduce-overhead", dynamic=False)
+    start = time.perf_counter()
+    run = lambda: gk.sample(plain, noise, 10, solver="genie", head=head, backend="reference")  # noqa: E731
+    run(), run(), run()
+    row(f"{name} b1: reduce-overhead compile", f"{time.perf_counter() - start:.0f} s")
+    reduce_overhead = bench(run, 300)
+    row(f"{name} b1 10-step GENIE (ms): graph + compiled net / reference loop, reduce-overhead net",
+        f"{graphed:.2f} / {reduce_overhead:.2f}")
+
+
 def guarded(step, *args):
     """Run one part; a failure is reported as a row and must not hide the other parts."""
     try:
         return step(*args)
     except Exception as err:
-        row(f"{step.__name__} FAILED", f"{type(err).__name__}: {err}"[:200])
+        row(f"{step.__name__} FAILED", f"{type(err).__name__}: {err}"[:300])
         return None
 
 
 def main() -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", type=float, default=420.0, help="seconds; later parts are skipped past it")
+    p.add_argument("--only", default="", help="comma-separated parts to run (default: all)")
+    args = p.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check")
         return 1
     os.chdir(ROOT)
+    deadline = time.perf_counter() + args.budget
     row("device", f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
-    guarded(run_tests)
-    copy_gbps = guarded(copy_bandwidth) or float("nan")
-    guarded(update_kernel, copy_gbps)
-    guarded(head_forward)
-    guarded(sampler)
+    parts = [build_extension, run_tests, copy_bandwidth, update_kernel, head_forward, sampler, whole_loop_graphs,
+             compiled_loops]
+    wanted = set(filter(None, args.only.split(",")))
+    copy_gbps = float("nan")
+    for part in parts:
+        if wanted and part.__name__ not in wanted:
+            continue
+        needs = 150 if part is compiled_loops else 0  # two compiles of the CIFAR-10 UNet
+        if time.perf_counter() + needs > deadline:
+            row(part.__name__, "skipped: time budget")
+            continue
+        if part is update_kernel:
+            guarded(part, copy_gbps)
+        elif part in (whole_loop_graphs, compiled_loops):
+            guarded(part, deadline)
+        else:
+            result = guarded(part)
+            if part is copy_bandwidth and result:
+                copy_gbps = result
     print("\n| check | result |\n|---|---|")
     for name, value in ROWS:
         print(f"| {name} | {value} |")

@@ -9,7 +9,7 @@ from . import solvers
 from .head import ConvHead
 from .schedules import STRIDINGS, LinearVPSchedule, VPSchedule, check_steps, check_t_end, time_grid
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "cpp", "cuda_graph")
 
 # Chosen from bench/test_accuracy.py: on the image mixture, quadratic striding gives every
 # solver (ddim, ab2, ab3, genie_exact) the lowest RMSE at NFE ≤ 10; see README.
@@ -27,22 +27,34 @@ def check_noise(noise) -> None:
         raise ValueError("noise contains NaN or inf")
 
 
-def _use_triton(backend: str, solver: str, head, noise: Tensor) -> bool:
-    """Resolve ``backend``; ``"triton"`` raises when the kernels cannot run here."""
+def _resolve_backend(backend: str, solver: str, head, noise: Tensor) -> str:
+    """The backend that will run; raises when the one asked for cannot run here."""
     if backend == "reference":
-        return False
+        return backend
     from .kernels import triton_status
 
-    supported = solver in ("ddim", "ab2") or (solver == "genie" and isinstance(head, ConvHead))
+    fused = solver in ("ddim", "ab2") or (solver == "genie" and isinstance(head, ConvHead))
     if backend == "auto":
-        return noise.is_cuda and supported and triton_status(noise.device)[0]
-    usable, reason = triton_status(noise.device)
-    if not usable:
-        raise ValueError(f"backend='triton' is not available: {reason}")
-    if not supported:
-        raise ValueError(f"backend='triton' runs ddim, ab2 and genie with a ConvHead, not solver={solver!r} "
+        return "triton" if noise.is_cuda and fused and triton_status(noise.device)[0] else "reference"
+    if not fused:
+        raise ValueError(f"backend={backend!r} runs ddim, ab2 and genie with a ConvHead, not solver={solver!r} "
                          f"with {type(head).__name__}; use backend='reference'")
-    return True
+    if backend == "triton":
+        usable, reason = triton_status(noise.device)
+    elif backend == "cpp":
+        from .ext import status
+
+        usable, reason = status()
+        usable = usable or reason.startswith("can be")
+    else:
+        from .graph import cuda_graph_status
+
+        usable, reason = cuda_graph_status()
+        if usable and not noise.is_cuda:
+            usable, reason = False, f"the noise is on {noise.device}, not on a CUDA device"
+    if not usable:
+        raise ValueError(f"backend={backend!r} is not available: {reason}")
+    return backend
 
 
 def sample(
@@ -70,14 +82,18 @@ def sample(
         steps: number of solver steps (the time grid has ``steps + 1`` points).
         solver: ``"genie"`` (needs ``head``), ``"genie_exact"``, ``"ddim"``, ``"ab2"``, ``"ab3"``.
         head: the distilled derivative head for ``solver="genie"``.
-        schedule: noise schedule; ``None`` is the linear VP schedule (β 0.1 → 20).
+        schedule: noise schedule; ``None`` is ``model.schedule`` where the model has one (the
+            diffusers adapter does), else the linear VP schedule (β 0.1 → 20).
         t_end: the final time, in (0, 1).
         striding: time grid, ``"quadratic"`` (default), ``"logsnr"`` or ``"uniform"``.
         afs: analytic first step (saves one network call).
         denoise: return ``x̂_0 = x̄ − γ_end ε`` after the last step (one more call).
-        backend: ``"reference"`` (the pure-PyTorch path), ``"triton"`` (fused kernels; ddim,
-            ab2 and genie with a conv head) or ``"auto"``: Triton on CUDA where it is
-            installed and supports the solver, else the reference.
+        backend: ``"reference"`` (the pure-PyTorch path); ``"triton"`` (fused Triton
+            kernels), ``"cpp"`` (the C++ update op, CPU or CUDA) or ``"cuda_graph"`` (the
+            whole loop replayed as one CUDA graph, cached per model and settings; see
+            :class:`genie_kernels.GenieSampler`), each for ddim, ab2 and genie with a conv
+            head; or ``"auto"``: Triton on CUDA where it is installed and supports the
+            solver, else the reference.  :func:`genie_kernels.backends` says what runs here.
         callback: called after every step with ``{"i", "t", "x", "eps"}``.
         return_nfe: also return the number of network evaluations used.
 
@@ -100,14 +116,23 @@ def sample(
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
 
-    schedule = schedule or LinearVPSchedule()
+    schedule = schedule or getattr(model, "schedule", None) or LinearVPSchedule()
     ts = time_grid(schedule, steps, t_end, striding)
     extra = {"head": head} if solver == "genie" else {}
     with torch.no_grad():  # forward-mode AD (genie_exact) works without autograd
-        if _use_triton(backend, solver, head, noise):
-            from .kernels.sampler import triton_solve
+        chosen = _resolve_backend(backend, solver, head, noise)
+        if chosen == "cuda_graph":
+            if callback is not None:
+                raise ValueError("backend='cuda_graph' replays the whole loop at once and cannot call a callback")
+            from .graph import graph_solve
 
-            out = triton_solve(solver, model, noise, ts, schedule, head, afs=afs, denoise=denoise, callback=callback)
+            out = solvers.SolverOutput(*graph_solve(solver, model, noise, steps, schedule, head, t_end=t_end,
+                                                    striding=striding, afs=afs, denoise=denoise))
+        elif chosen in ("triton", "cpp"):
+            from .kernels.sampler import cpp_solve, triton_solve
+
+            solve = triton_solve if chosen == "triton" else cpp_solve
+            out = solve(solver, model, noise, ts, schedule, head, afs=afs, denoise=denoise, callback=callback)
         else:
             out = solvers.SOLVERS[solver](model, noise, ts, schedule, **extra, afs=afs, denoise=denoise, callback=callback)
     return (out.sample, out.nfe) if return_nfe else out.sample

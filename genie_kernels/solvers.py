@@ -56,6 +56,14 @@ class DerivativeHead(Protocol):
     def __call__(self, x: Tensor, out: ModelOutput, gamma: Tensor) -> Tensor: ...
 
 
+def analytic_eps(x: Tensor, gamma: Tensor) -> Tensor:
+    """ε of pure Gaussian noise at ``γ``: ``σ x = γ/sqrt(1+γ²) · x`` (the analytic first step).
+
+    ``gamma`` is a 0-dim tensor (on x's device or the CPU); no value goes to the host.
+    """
+    return x * (gamma * torch.rsqrt(1.0 + gamma * gamma)).to(x.dtype)
+
+
 class _Trajectory:
     """State shared by the solver loops: x̄, x, the γ grid and the NFE count."""
 
@@ -80,10 +88,6 @@ class _Trajectory:
         t = self.ts[n].to(self.x.device, self.x.dtype).expand(self.x.shape[0])
         return checked_call(self.model, self.x, t)
 
-    def analytic_eps(self, n: int) -> Tensor:
-        """ε of pure Gaussian noise, ``σ_n x`` (the analytic first step)."""
-        sigma = float(self.gammas[n] / (1.0 + self.gammas[n] ** 2).sqrt())
-        return sigma * self.x
 
     def advance(self, n: int, increment: Tensor, eps: Tensor, callback: Callback) -> None:
         self.xbar = self.xbar + increment
@@ -102,7 +106,7 @@ def ddim(model, noise: Tensor, ts: Tensor, schedule: VPSchedule, *, afs=False, d
     """DDIM, the first truncated Taylor method: ``x̄_{n+1} = x̄_n + h_n ε_n``."""
     traj = _Trajectory(model, noise, ts, schedule)
     for n in range(traj.steps):
-        eps = traj.analytic_eps(n) if afs and n == 0 else traj.model_output(n).eps
+        eps = analytic_eps(traj.x, traj.gammas[n]) if afs and n == 0 else traj.model_output(n).eps
         traj.advance(n, traj.h(n) * eps, eps, callback)
     return traj.finish(denoise)
 
@@ -112,7 +116,7 @@ def _ttm2(traj: _Trajectory, derivative, afs: bool, callback: Callback) -> None:
     for n in range(traj.steps):
         h = traj.h(n)
         if afs and n == 0:
-            eps = traj.analytic_eps(n)
+            eps = analytic_eps(traj.x, traj.gammas[n])
             traj.advance(n, h * eps, eps, callback)
         else:
             eps, deps = derivative(n)
@@ -178,7 +182,7 @@ def adams_bashforth(
     g = traj.gammas
     history: list[Tensor] = []  # ε_n, ε_{n−1}, ε_{n−2}
     for n in range(traj.steps):
-        eps = traj.analytic_eps(n) if afs and n == 0 else traj.model_output(n).eps
+        eps = analytic_eps(traj.x, traj.gammas[n]) if afs and n == 0 else traj.model_output(n).eps
         history = [eps] + history[: order - 1]
         h = traj.h(n)
         increment = h * eps

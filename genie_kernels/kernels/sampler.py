@@ -1,53 +1,83 @@
-"""The solver loop on the fused kernels: ``sample(..., backend="triton")``.
+"""The solver loop on fused kernels: ``sample(..., backend="triton" | "cpp" | "cuda_graph")``.
 
 Same trajectory as the reference solvers in :mod:`genie_kernels.solvers`; each step is
-one network call, (for GENIE) the fused head, and one :func:`taylor_update` launch that
-writes both x̄ and the next network input.  The γ grid and the model's times live on
-the device, so the loop never reads a value back to the host.  The state x̄ is kept in
-float32 (float64 for float64 noise) whatever the network's dtype.
+one network call, (for GENIE) the head's raw output k, and one fused update that writes
+both x̄ and the next network input.  The γ grid and the model's times live on the
+device, so the loop never reads a value back to the host and can be captured whole in a
+CUDA graph (:mod:`genie_kernels.graph`).  The state x̄ is kept in float32 (float64 for
+float64 noise) whatever the network's dtype.
+
+The update and the head are parameters: the Triton op with the fused head
+(``backend="triton"``), the C++ op of :mod:`genie_kernels.ext` (``backend="cpp"``), or
+either inside the graph runner.
 """
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 from torch import Tensor
 
-from ..models import as_model, checked_call
+from ..head import ConvHead
+from ..models import EpsModel, as_model, checked_call
 from ..schedules import VPSchedule
-from ..solvers import SolverOutput
-from .head_blocks import fused_head_k
-from .update import taylor_update
+from ..solvers import Callback, SolverOutput, analytic_eps
 
 SOLVERS = ("ddim", "ab2", "genie")
 
+Update = Callable[..., tuple[Tensor, Tensor]]  # (xbar, eps, gammas, step, mode, aux) -> (xbar, x)
+HeadK = Callable[..., Tensor]                   # (head, x, model_output, gamma) -> k
 
-def triton_solve(
-    solver: str, model, noise: Tensor, ts: Tensor, schedule: VPSchedule, head=None,
-    *, afs: bool = False, denoise: bool = False, callback=None,
+
+class DeviceGrid(NamedTuple):
+    """The time grid on the model's device: γ_n (float64) and t_n (the noise's dtype)."""
+
+    gammas: Tensor
+    times: Tensor
+
+
+def device_grid(ts: Tensor, schedule: VPSchedule, noise: Tensor) -> DeviceGrid:
+    gammas = schedule.gamma(ts.to(torch.float64)).to(noise.device)
+    return DeviceGrid(gammas, ts.to(device=noise.device, dtype=noise.dtype))
+
+
+def check_fused_solver(solver: str, head, backend: str) -> None:
+    if solver not in SOLVERS or (solver == "genie" and not isinstance(head, ConvHead)):
+        raise ValueError(f"backend={backend!r} runs ddim, ab2 and genie with a ConvHead, not solver={solver!r}"
+                         f"{'' if head is None else f' with {type(head).__name__}'}; use backend='reference'")
+
+
+def eager_head_k(head: ConvHead, x: Tensor, out, gamma: Tensor) -> Tensor:
+    return head.predict_k(x, out, gamma)
+
+
+def fused_loop(
+    solver: str, model: EpsModel, noise: Tensor, grid: DeviceGrid, head, *, update: Update, head_k: HeadK,
+    afs: bool = False, denoise: bool = False, ts: Tensor | None = None, callback: Callback = None,
 ) -> SolverOutput:
-    if solver not in SOLVERS:
-        raise ValueError(f"backend='triton' runs the solvers {SOLVERS}, not {solver!r}; use backend='reference'")
-    model = as_model(model)
-    device, batch = noise.device, noise.shape[0]
-    gammas = schedule.gamma(ts.to(torch.float64)).to(device)
-    times = ts.to(device=device, dtype=noise.dtype)
+    """Run the solver loop with the given ``update`` and ``head_k``; no host syncs.
+
+    ``ts`` (the host copy of the grid) is only needed for the callback's ``"t"``.
+    """
+    gammas, times = grid
+    batch, steps = noise.shape[0], gammas.numel() - 1
     state_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
     xbar = (noise.to(state_dtype) * torch.sqrt(1.0 + gammas[0] ** 2).to(state_dtype)).contiguous()
     x, eps_prev, nfe = noise.contiguous(), None, 0.0
-    steps = ts.numel() - 1
     for n in range(steps):
         aux, mode = None, "ddim"
         if afs and n == 0:
-            eps = (x * (gammas[0] * torch.rsqrt(1.0 + gammas[0] ** 2)).to(x.dtype)).contiguous()
+            eps = analytic_eps(x, gammas[0]).contiguous()
         else:
             out = checked_call(model, x, times[n].expand(batch))
             eps, nfe = out.eps.contiguous(), nfe + 1
             if solver == "genie":
-                aux, mode = fused_head_k(head, x, out, gammas[n].expand(batch)).to(eps.dtype).contiguous(), "genie"
+                aux, mode = head_k(head, x, out, gammas[n].expand(batch)).to(eps.dtype).contiguous(), "genie"
                 nfe += float(getattr(head, "nfe_overhead", 0.0))
         if solver == "ab2" and eps_prev is not None:
             aux, mode = eps_prev, "ab2"
-        xbar, x = taylor_update(xbar, eps, gammas, n, mode, aux)
+        xbar, x = update(xbar, eps, gammas, n, mode, aux)
         eps_prev = eps
         if callback is not None:
             callback({"i": n, "t": float(ts[n + 1]), "x": x, "eps": eps})
@@ -55,3 +85,29 @@ def triton_solve(
         eps = checked_call(model, x, times[steps].expand(batch)).eps
         return SolverOutput((xbar - gammas[steps].to(state_dtype) * eps.to(state_dtype)).to(noise.dtype), nfe + 1)
     return SolverOutput(x, nfe)
+
+
+def triton_solve(
+    solver: str, model, noise: Tensor, ts: Tensor, schedule: VPSchedule, head=None,
+    *, afs: bool = False, denoise: bool = False, callback: Callback = None,
+) -> SolverOutput:
+    """``backend="triton"``: the Triton update and the Triton-fused head."""
+    from .head_blocks import fused_head_k
+    from .update import taylor_update
+
+    check_fused_solver(solver, head, "triton")
+    return fused_loop(solver, as_model(model), noise, device_grid(ts, schedule, noise), head,
+                      update=taylor_update, head_k=fused_head_k, afs=afs, denoise=denoise, ts=ts, callback=callback)
+
+
+def cpp_solve(
+    solver: str, model, noise: Tensor, ts: Tensor, schedule: VPSchedule, head=None,
+    *, afs: bool = False, denoise: bool = False, callback: Callback = None,
+) -> SolverOutput:
+    """``backend="cpp"``: the C++ update op (CPU or CUDA) and the eager head."""
+    from ..ext import taylor_update_cpp
+
+    check_fused_solver(solver, head, "cpp")
+    return fused_loop(solver, as_model(model), noise, device_grid(ts, schedule, noise), head,
+                      update=taylor_update_cpp, head_k=eager_head_k, afs=afs, denoise=denoise, ts=ts,
+                      callback=callback)

@@ -1,0 +1,212 @@
+"""The whole sampling loop in one CUDA graph: :class:`GenieSampler` and ``backend="cuda_graph"``.
+
+At batch 1 a 10-step loop is a few hundred small kernels, and launching them from
+Python costs more than running them.  :class:`GenieSampler` runs the loop of
+:func:`genie_kernels.kernels.sampler.fused_loop` (network, head, fused update, for every
+step) once under ``torch.cuda.graph`` and afterwards replays the recorded graph: one
+launch per sample call, no Python per step and no host sync inside the replay.
+
+A graph is fixed to its inputs' addresses, so the sampler owns static buffers: each call
+copies the new noise into the input buffer, replays, and returns a clone of the output
+buffer.  The graph is keyed by (shape, dtype, device) of the noise; a call with another
+key captures a new graph (and frees the old one).  Solver, steps, schedule, grid, AFS
+and denoising are fixed at construction.
+
+Why the runner is Python over the C++ op, not C++: the network is the user's
+``nn.Module``, whose forward is Python; capturing it means running that Python once
+under capture.  A C++ runner could only hold TorchScript or AOT-compiled networks,
+which users of ``diffusers`` models do not have.  After capture nothing of Python
+remains in the hot path — the replay is one ``cudaGraphLaunch`` — so moving the runner
+to C++ would save nothing per call.  The C++ op (:mod:`genie_kernels.ext`) is the
+default update inside the graph where it is built; the Triton op otherwise.
+
+What cannot be captured: host syncs (``.item()``, ``float(tensor)``, printing a tensor,
+``torch.isfinite(x).all()`` checks), tensors made on the CPU and copied over inside the
+forward, and data-dependent control flow.  Capture then fails with
+:class:`GraphCaptureError`, which names these causes.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+from torch import Tensor
+
+from .kernels.sampler import check_fused_solver, device_grid, eager_head_k, fused_loop
+from .models import EpsModel, ModelOutput, as_model
+from .schedules import LinearVPSchedule, VPSchedule, check_steps, check_t_end, time_grid
+
+UPDATES = ("auto", "cpp", "triton", "reference")
+
+
+class GraphCaptureError(RuntimeError):
+    """The model (or head) did something that a CUDA graph cannot record."""
+
+
+def _resolve_update(update: str):
+    """The update function for ``update``; ``"auto"``: the C++ op if built, else Triton."""
+    if update not in UPDATES:
+        raise ValueError(f"unknown update {update!r}; choose one of {UPDATES}")
+    if update in ("auto", "cpp"):
+        from . import ext
+
+        usable, reason = ext.status()
+        if update == "cpp" or reason in ("loaded", "prebuilt"):
+            ext.load(build=update == "cpp")
+            return ext.taylor_update_cpp
+    if update in ("auto", "triton"):
+        from .kernels import triton_status
+
+        usable, reason = triton_status("cuda")
+        if usable:
+            from .kernels.update import taylor_update
+
+            return taylor_update
+        if update == "triton":
+            raise ValueError(f"update='triton' is not available: {reason}")
+    from .kernels.update import taylor_update_reference
+
+    return taylor_update_reference
+
+
+def _resolve_head_k():
+    """The fused Triton head where Triton runs, else the eager ``predict_k``."""
+    from .kernels import triton_status
+
+    if triton_status("cuda")[0]:
+        from .kernels.head_blocks import fused_head_k
+
+        return fused_head_k
+    return eager_head_k
+
+
+class _CompiledModel(EpsModel):
+    """``model`` with its forward compiled by ``torch.compile``; the user's object is untouched."""
+
+    def __init__(self, model: EpsModel):
+        super().__init__()
+        self.inner = model
+        self._forward = torch.compile(model.forward_features, dynamic=False)
+
+    def forward_features(self, x: Tensor, t: Tensor) -> ModelOutput:
+        return self._forward(x, t)
+
+
+class GenieSampler:
+    """Capture once, sample many times: the whole N-step loop as one CUDA graph.
+
+    Args:
+        model: the ε-network (an :class:`~genie_kernels.models.EpsModel` adapter or
+            ``eps_fn(x, t)``) on a CUDA device, in the dtype of the noise it will get.
+        steps, solver, head, schedule, t_end, striding, afs, denoise: as in
+            :func:`genie_kernels.sample` (the schedule defaults to ``model.schedule``
+            where the model has one); solver ``"ddim"``, ``"ab2"`` or ``"genie"``
+            (with a :class:`~genie_kernels.head.ConvHead`).
+        compile_model: ``torch.compile`` the network's forward (default mode, no graphs of
+            its own) before capture; the compiled kernels are then recorded in the graph.
+        update: ``"auto"`` (the C++ op where built, else Triton), ``"cpp"``, ``"triton"``
+            or ``"reference"``.
+        check_finite: refuse noise with NaN/inf (one host sync before the replay).
+
+    Call it with noise shaped ``(B, ...)`` on the model's device; it returns a new tensor.
+    ``capture_seconds`` is the time the last capture took (warm-up included) and ``nfe``
+    the loop's network evaluations.
+    """
+
+    def __init__(self, model, steps: int, *, solver: str = "genie", head=None, schedule: VPSchedule | None = None,
+                 t_end: float = 1e-3, striding: str | None = None, afs: bool = False, denoise: bool = False,
+                 compile_model: bool = False, update: str = "auto", check_finite: bool = True):
+        from .sampling import DEFAULT_STRIDING
+
+        check_steps(steps)
+        check_t_end(t_end)
+        check_fused_solver(solver, head, "cuda_graph")
+        if solver != "genie" and head is not None:
+            raise ValueError(f"head= is only used by solver='genie', not {solver!r}")
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+        self.model = as_model(model)
+        if compile_model:
+            self.model = _CompiledModel(self.model)
+        self.solver, self.steps, self.head, self.afs, self.denoise = solver, steps, head, afs, denoise
+        self.schedule = schedule or getattr(model, "schedule", None) or LinearVPSchedule()
+        self.ts = time_grid(self.schedule, steps, t_end, striding or DEFAULT_STRIDING)
+        self.update = _resolve_update(update)
+        self.head_k = _resolve_head_k()
+        self.check_finite = check_finite
+        self.key = None
+        self.nfe = float("nan")
+        self.capture_seconds = float("nan")
+        self._graph = self._out = self._noise = None
+
+    def _loop(self, noise: Tensor):
+        return fused_loop(self.solver, self.model, noise, self._grid, self.head, update=self.update,
+                          head_k=self.head_k, afs=self.afs, denoise=self.denoise)
+
+    def capture(self, noise: Tensor) -> None:
+        """Record the loop for noise of this shape, dtype and device (called by ``__call__``)."""
+        if not noise.is_cuda:
+            raise ValueError(f"GenieSampler captures CUDA graphs; the noise is on {noise.device}")
+        self._graph = self._out = None  # frees the previous graph's memory pool before the new capture
+        start = time.perf_counter()
+        self._noise = noise.detach().clone()
+        self._grid = device_grid(self.ts, self.schedule, noise)
+        side = torch.cuda.Stream(noise.device)
+        side.wait_stream(torch.cuda.current_stream(noise.device))
+        with torch.no_grad(), torch.cuda.stream(side):  # warm-up: compile kernels, pick cuDNN algorithms
+            for _ in range(2):
+                self._loop(self._noise)
+        torch.cuda.current_stream(noise.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.no_grad(), torch.cuda.graph(graph):
+                self._out, self.nfe = self._loop(self._noise)
+        except RuntimeError as err:
+            self.key = None
+            raise GraphCaptureError(
+                "the sampling loop could not be captured in a CUDA graph: the model or head did something a graph "
+                "cannot record — a host sync (.item(), float(tensor), printing a tensor, a NaN check with .all()), "
+                "a tensor made on the CPU inside forward, or data-dependent control flow. Use backend='triton' or "
+                f"'reference' for this model. CUDA said: {str(err).strip().splitlines()[0]}") from err
+        torch.cuda.synchronize(noise.device)
+        self._graph = graph
+        self.key = (tuple(noise.shape), noise.dtype, noise.device)
+        self.capture_seconds = time.perf_counter() - start
+
+    def __call__(self, noise: Tensor) -> Tensor:
+        if not isinstance(noise, Tensor) or not noise.is_floating_point():
+            raise TypeError(f"noise must be a floating torch.Tensor, got {type(noise).__name__}")
+        if self.check_finite and not torch.isfinite(noise).all():
+            raise ValueError("noise contains NaN or inf")
+        if (tuple(noise.shape), noise.dtype, noise.device) != self.key:
+            self.capture(noise)
+        self._noise.copy_(noise)
+        self._graph.replay()
+        return self._out.clone()
+
+
+_SAMPLERS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+
+
+def graph_solve(solver: str, model, noise: Tensor, steps: int, schedule: VPSchedule, head, *, t_end: float,
+                striding: str, afs: bool, denoise: bool) -> tuple[Tensor, float]:
+    """``sample(..., backend="cuda_graph")``: a cached :class:`GenieSampler` per model and settings."""
+    settings = (solver, steps, id(head), repr(schedule.config()), t_end, striding, afs, denoise)
+    per_model = _SAMPLERS.setdefault(model, {})
+    sampler = per_model.get(settings)
+    if sampler is None:
+        if len(per_model) >= 8:  # bounded: each holds a graph and its buffers
+            per_model.pop(next(iter(per_model)))
+        sampler = GenieSampler(model, steps, solver=solver, head=head, schedule=schedule, t_end=t_end,
+                               striding=striding, afs=afs, denoise=denoise, check_finite=False)
+        per_model[settings] = sampler
+    return sampler(noise), sampler.nfe
+
+
+def cuda_graph_status() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available"
+    return True, "CUDA graphs on " + torch.cuda.get_device_name()
+
