@@ -28,8 +28,19 @@ namespace genie_cpp {
 
 namespace {
 
+// Error messages are assembled from strings (std::to_string for numbers) rather than by
+// streaming integers and shapes through TORCH_CHECK's c10::str: on the H100 machine
+// (torch 2.11.0+cu130, nvcc 13.0, JIT build) every failing check whose message streamed
+// an integer or a shape crashed the process with a segfault, while string-only messages
+// raised normally.  The cause was not pinned down; this avoids the path.
+std::string shape_string(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
+}
+
 std::string describe_shape(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? c10::str(t->sizes()) : std::string("None");
+  return t.has_value() ? shape_string(t->sizes()) : std::string("None");
 }
 
 }  // namespace
@@ -48,21 +59,23 @@ Mode check_inputs(const at::Tensor& xbar, const at::Tensor& eps, const c10::opti
   } else {
     TORCH_CHECK(false, "unknown update mode '", name, "'; choose one of ('ddim', 'genie', 'ab2')");
   }
-  TORCH_CHECK(eps.sizes() == xbar.sizes(), "eps has shape ", eps.sizes(), ", x̄ has ", xbar.sizes());
-  TORCH_CHECK(gammas.dim() == 1, "gammas must be the 1-D γ grid, got shape ", gammas.sizes());
-  TORCH_CHECK(step >= 0 && step < gammas.numel() - 1, "step ", step, " is outside the γ grid of ", gammas.numel(),
-              " points");
+  TORCH_CHECK(eps.sizes() == xbar.sizes(),
+              "eps has shape " + shape_string(eps.sizes()) + ", x̄ has " + shape_string(xbar.sizes()));
+  TORCH_CHECK(gammas.dim() == 1, "gammas must be the 1-D γ grid, got shape " + shape_string(gammas.sizes()));
+  TORCH_CHECK(step >= 0 && step < gammas.numel() - 1,
+              "step " + std::to_string(step) + " is outside the γ grid of " + std::to_string(gammas.numel()) + " points");
   if (mode == kGenie) {
-    TORCH_CHECK(xbar.dim() >= 2, "mode 'genie' needs x̄ with a channel dimension (B, C, ...), got shape ",
-                xbar.sizes());
+    TORCH_CHECK(xbar.dim() >= 2,
+                "mode 'genie' needs x̄ with a channel dimension (B, C, ...), got shape " + shape_string(xbar.sizes()));
     std::vector<int64_t> expected = xbar.sizes().vec();
     expected[1] *= 3;
-    TORCH_CHECK(aux.has_value() && aux->sizes() == at::IntArrayRef(expected), "mode 'genie' needs the head output k of shape ",
-                at::IntArrayRef(expected), ", got ", describe_shape(aux));
+    TORCH_CHECK(aux.has_value() && aux->sizes() == at::IntArrayRef(expected),
+                "mode 'genie' needs the head output k of shape " + shape_string(expected) + ", got " + describe_shape(aux));
   }
   if (mode == kAb2) {
-    TORCH_CHECK(aux.has_value() && aux->sizes() == xbar.sizes(), "mode 'ab2' needs the previous eps, shaped like x̄ ",
-                xbar.sizes(), ", got ", describe_shape(aux));
+    TORCH_CHECK(aux.has_value() && aux->sizes() == xbar.sizes(),
+                "mode 'ab2' needs the previous eps, shaped like x̄ " + shape_string(xbar.sizes()) + ", got " +
+                    describe_shape(aux));
     TORCH_CHECK(step >= 1, "mode 'ab2' needs a previous step (step >= 1)");
   }
 
@@ -70,8 +83,8 @@ Mode check_inputs(const at::Tensor& xbar, const at::Tensor& eps, const c10::opti
   std::vector<std::pair<const char*, const at::Tensor*>> tensors = {{"x̄", &xbar}, {"eps", &eps}, {"gammas", &gammas}};
   if (aux.has_value()) tensors.emplace_back("aux", &*aux);
   for (const auto& [label, t] : tensors) {
-    TORCH_CHECK(t->device() == xbar.device(), "x̄, eps, aux and gammas must be on one device; x̄ is on ",
-                xbar.device(), ", ", label, " on ", t->device());
+    TORCH_CHECK(t->device() == xbar.device(), "x̄, eps, aux and gammas must be on one device; x̄ is on " +
+                                                  xbar.device().str() + ", " + label + " on " + t->device().str());
     TORCH_CHECK(t->is_contiguous(), "taylor_update needs contiguous tensors; ", label, " is not contiguous");
   }
 
