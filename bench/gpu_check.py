@@ -242,7 +242,7 @@ def whole_loop_graphs(deadline: float) -> None:
             shown = {k: (f"{v:.2f}" if batch == 1 else f"{batch / v * 1e3:.0f}") for k, v in times.items()}
             row(f"{name} b{batch} 10-step GENIE ({unit}): " + " / ".join(shown), " / ".join(shown.values()))
             row(f"{name} b{batch}: head + update over graphed DDIM", f"+{100 * (times['graph'] / times['graph ddim'] - 1):.1f}%")
-            row(f"{name} b{batch}: capture (2 warm-up loops + capture)", f"{genie.capture_seconds:.2f} s")
+            row(f"{name} b{batch}: capture, of which 2 warm-up loops", f"{genie.capture_seconds:.2f} s, {genie.warmup_seconds:.2f} s")
             host, device = host_wait_ms(genie, noise)
             row(f"{name} b{batch}: one call, host returns after / device runs", f"{host:.2f} / {device:.2f} ms")
             ref = gk.sample(model, noise, 10, solver="genie", head=head, backend="reference").float()

@@ -111,7 +111,8 @@ class GenieSampler:
         check_finite: refuse noise with NaN/inf (one host sync before the replay).
 
     Call it with noise shaped ``(B, ...)`` on the model's device; it returns a new tensor.
-    ``capture_seconds`` is the time the last capture took (warm-up included) and ``nfe``
+    ``capture_seconds`` is the time the last capture took, ``warmup_seconds`` the part of it
+    spent in the two eager warm-up loops (kernel compilation, cuDNN autotuning), and ``nfe``
     the loop's network evaluations.
     """
 
@@ -138,7 +139,7 @@ class GenieSampler:
         self.check_finite = check_finite
         self.key = None
         self.nfe = float("nan")
-        self.capture_seconds = float("nan")
+        self.capture_seconds = self.warmup_seconds = float("nan")
         self._graph = self._out = self._noise = None
 
     def _loop(self, noise: Tensor):
@@ -159,6 +160,8 @@ class GenieSampler:
             for _ in range(2):
                 self._loop(self._noise)
         torch.cuda.current_stream(noise.device).wait_stream(side)
+        torch.cuda.synchronize(noise.device)
+        self.warmup_seconds = time.perf_counter() - start
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.no_grad(), torch.cuda.graph(graph):
