@@ -29,7 +29,7 @@ forward, and data-dependent control flow.  Capture then fails with
 from __future__ import annotations
 
 import time
-import weakref
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -190,21 +190,31 @@ class GenieSampler:
         return self._out.clone()
 
 
-_SAMPLERS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
+CACHE_SIZE = 8  # captured samplers kept by backend="cuda_graph"; each holds a graph and its buffers
+_SAMPLERS: "OrderedDict[tuple, GenieSampler]" = OrderedDict()
+
+
+def clear_cache() -> None:
+    """Free the graphs that ``backend="cuda_graph"`` keeps (they also keep their models alive)."""
+    _SAMPLERS.clear()
 
 
 def graph_solve(solver: str, model, noise: Tensor, steps: int, schedule: VPSchedule, head, *, t_end: float,
                 striding: str, afs: bool, denoise: bool) -> tuple[Tensor, float]:
-    """``sample(..., backend="cuda_graph")``: a cached :class:`GenieSampler` per model and settings."""
-    settings = (solver, steps, id(head), repr(schedule.config()), t_end, striding, afs, denoise)
-    per_model = _SAMPLERS.setdefault(model, {})
-    sampler = per_model.get(settings)
+    """``sample(..., backend="cuda_graph")``: a cached :class:`GenieSampler` per model and settings.
+
+    The cache keeps the last :data:`CACHE_SIZE` samplers (least recently used out first);
+    its entries refer to their model and head, so :func:`clear_cache` frees them.
+    """
+    key = (id(model), id(head), solver, steps, repr(schedule.config()), t_end, striding, afs, denoise)
+    sampler = _SAMPLERS.pop(key, None)
     if sampler is None:
-        if len(per_model) >= 8:  # bounded: each holds a graph and its buffers
-            per_model.pop(next(iter(per_model)))
         sampler = GenieSampler(model, steps, solver=solver, head=head, schedule=schedule, t_end=t_end,
                                striding=striding, afs=afs, denoise=denoise, check_finite=False)
-        per_model[settings] = sampler
+        sampler.source = model  # keeps id(model) from being reused while the entry lives
+    _SAMPLERS[key] = sampler
+    while len(_SAMPLERS) > CACHE_SIZE:
+        _SAMPLERS.popitem(last=False)
     return sampler(noise), sampler.nfe
 
 

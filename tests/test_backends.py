@@ -59,6 +59,37 @@ def test_fused_backends_refuse_solvers_they_do_not_run():
             gk.sample(model, noise_like(1), 3, solver="ab3", backend=backend)
 
 
+def test_cuda_graph_cache_keeps_the_most_recently_used_samplers(monkeypatch):
+    from genie_kernels import graph
+
+    made = []
+
+    class FakeSampler:  # stands in for GenieSampler: no GPU needed to test the cache
+        def __init__(self, model, steps, **settings):
+            made.append(steps)
+            self.nfe = float(steps)
+
+        def __call__(self, noise):
+            return noise
+
+    monkeypatch.setattr(graph, "GenieSampler", FakeSampler)
+    graph.clear_cache()
+    model, schedule = small_unet(), gk.LinearVPSchedule()
+
+    def solve(steps):
+        return graph.graph_solve("ddim", model, noise_like(1), steps, schedule, None, t_end=1e-3,
+                                 striding="uniform", afs=False, denoise=False)
+
+    for steps in range(1, graph.CACHE_SIZE + 2):  # one more than fits: steps=1 is dropped
+        assert solve(steps)[1] == steps
+    solve(graph.CACHE_SIZE + 1)  # cached
+    solve(2)  # cached, and now the most recent
+    solve(1)  # dropped earlier: made again
+    assert made == list(range(1, graph.CACHE_SIZE + 2)) + [1]
+    assert len(graph._SAMPLERS) == graph.CACHE_SIZE
+    graph.clear_cache()
+
+
 def cpp_available() -> bool:
     from genie_kernels import ext
 
@@ -169,13 +200,17 @@ def test_uncapturable_model_gives_a_clear_error():
 def test_sample_cuda_graph_backend_matches_reference_and_reuses_the_capture():
     from genie_kernels import graph
 
+    graph.clear_cache()
     model = small_unet("cuda")
     noise = noise_like(2, "cuda")
     got, nfe = gk.sample(model, noise, 5, solver="ddim", backend="cuda_graph", return_nfe=True)
     ref = gk.sample(model, noise, 5, solver="ddim", backend="reference")
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     assert nfe == 5
-    sampler = next(iter(graph._SAMPLERS[model].values()))
+    (sampler,) = graph._SAMPLERS.values()
     captured = sampler.capture_seconds
     gk.sample(model, noise_like(2, "cuda", seed=9), 5, solver="ddim", backend="cuda_graph")
+    assert list(graph._SAMPLERS.values()) == [sampler]
     assert sampler.capture_seconds == captured  # replayed, not captured again
+    graph.clear_cache()
+    assert not graph._SAMPLERS
