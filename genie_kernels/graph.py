@@ -52,8 +52,7 @@ def _resolve_update(update: str):
     if update in ("auto", "cpp"):
         from . import ext
 
-        usable, reason = ext.status()
-        if update == "cpp" or reason in ("loaded", "prebuilt"):
+        if update == "cpp" or ext.status()[1] in ("loaded", "prebuilt"):
             ext.load(build=update == "cpp")
             return ext.taylor_update_cpp
     if update in ("auto", "triton"):
