@@ -29,13 +29,13 @@ constexpr int kBlocksPerSM = 8;  // 8 × 256 = 2048 resident threads per SM
 // Elements of T moved by one memory instruction when a thread moves N of them: 16 bytes'
 // worth, or all N when they are fewer.
 template <typename T, int N>
-constexpr int chunk_elements() {
+C10_HOST_DEVICE constexpr int chunk_elements() {
   return sizeof(T) * N < 16 ? N : static_cast<int>(16 / sizeof(T));
 }
 
 // Byte alignment that load_vec/store_vec of N elements of T need.
 template <typename T, int N>
-constexpr int vec_alignment() {
+C10_HOST_DEVICE constexpr int vec_alignment() {
   return static_cast<int>(sizeof(T)) * chunk_elements<T, N>();
 }
 
