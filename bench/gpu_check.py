@@ -31,6 +31,7 @@ by side in this one process.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -174,8 +175,9 @@ def cifar10_unet():
                        downsample_padding=0, attention_head_dim=None)
 
 
+@functools.cache
 def models_for_graphs():
-    """``{name: (adapter, head, shape, diffusers unet or None)}``, fp16 on the GPU."""
+    """``{name: (adapter, head, shape, diffusers unet or None)}``, fp16 on the GPU (built once)."""
     import genie_kernels as gk
     from genie_kernels.head import ConvHead
 

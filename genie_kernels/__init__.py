@@ -25,14 +25,14 @@ def backends() -> dict[str, tuple[bool, str]]:
     import torch
 
     from . import ext
+    from .graph import cuda_graph_status
     from .kernels import triton_status
 
-    cuda = torch.cuda.is_available()
     return {
         "reference": (True, "pure PyTorch"),
-        "triton": triton_status("cuda" if cuda else "cpu"),
+        "triton": triton_status("cuda" if torch.cuda.is_available() else "cpu"),
         "cpp": ext.status(),
-        "cuda_graph": (True, f"CUDA graphs on {torch.cuda.get_device_name()}") if cuda else (False, "CUDA is not available"),
+        "cuda_graph": cuda_graph_status(),
     }
 
 

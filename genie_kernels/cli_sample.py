@@ -51,12 +51,13 @@ def run(args) -> int:
     batch = args.batch or 64
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(batch, model.in_channels, model.image_size, model.image_size, generator=gen).to(device)
+    striding = args.striding or "uniform"
     start = time.perf_counter()
     x, nfe = sample(model, noise, steps, solver=args.solver, head=head, schedule=schedule, afs=not args.no_afs,
-                    striding=args.striding or "uniform", backend=args.backend, return_nfe=True)
+                    striding=striding, backend=args.backend, return_nfe=True)
     seconds = time.perf_counter() - start
     image_grid(x, args.out, nrow=8)
-    print(f"solver={args.solver} steps={steps} afs={not args.no_afs} striding={args.striding or 'uniform'} NFE={nfe:.2f} "
+    print(f"solver={args.solver} steps={steps} afs={not args.no_afs} striding={striding} NFE={nfe:.2f} "
           f"({batch} samples, {seconds:.2f} s on {device}) -> {args.out}")
     return 0
 

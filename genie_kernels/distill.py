@@ -242,7 +242,7 @@ def load_head(path, model=None, use_ema: bool = True, device=None) -> nn.Module:
 
 
 def _check_settings(steps, batch_size, lr, lr_schedule, grad_clip, t_eps, ema_decay, checkpoint_every, validate_every,
-                    val_size, val_buckets, out, resume, world) -> None:
+                    val_size, val_buckets, out, resume, world, time_limit) -> None:
     def positive_int(name, value, low=1):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -271,6 +271,8 @@ def _check_settings(steps, batch_size, lr, lr_schedule, grad_clip, t_eps, ema_de
         raise ValueError("resume=True needs the checkpoint path (out=...)")
     if out is not None and Path(out).suffix != ".safetensors":
         raise ValueError(f"the checkpoint path must end in .safetensors, got {out}")
+    if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
 
 
 def distill(
@@ -338,7 +340,7 @@ def distill(
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     _check_settings(steps, batch_size, lr, lr_schedule, grad_clip, t_eps, ema_decay, checkpoint_every, validate_every,
-                    val_size, val_buckets, out, resume, world)
+                    val_size, val_buckets, out, resume, world, time_limit)
     if not isinstance(head, nn.Module) or not hasattr(head, "config"):
         raise TypeError(f"head must be a head module with config(), got {type(head).__name__}")
     model = as_model(model)
@@ -434,8 +436,6 @@ def distill(
         ids = [device.index] if device.type == "cuda" else None
         train_head = nn.parallel.DistributedDataParallel(head, device_ids=ids)
     local = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
-    if time_limit is not None and not time_limit > 0:
-        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
     deadline = None if time_limit is None else time.monotonic() + time_limit
     last = start
     head.train()

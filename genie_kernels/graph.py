@@ -118,15 +118,12 @@ class GenieSampler:
     def __init__(self, model, steps: int, *, solver: str = "genie", head=None, schedule: VPSchedule | None = None,
                  t_end: float = 1e-3, striding: str | None = None, afs: bool = False, denoise: bool = False,
                  compile_model: bool = False, update: str = "auto", check_finite: bool = True):
-        from .sampling import DEFAULT_STRIDING
+        from .sampling import DEFAULT_STRIDING, check_model_and_head
 
         check_steps(steps)
         check_t_end(t_end)
+        check_model_and_head(model, solver, head)
         check_fused_solver(solver, head, "cuda_graph")
-        if solver != "genie" and head is not None:
-            raise ValueError(f"head= is only used by solver='genie', not {solver!r}")
-        if not callable(model):
-            raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
         self.model = as_model(model)
         if compile_model:
             self.model = _CompiledModel(self.model)
@@ -198,6 +195,12 @@ def clear_cache() -> None:
     _SAMPLERS.clear()
 
 
+def _schedule_key(schedule: VPSchedule) -> tuple:
+    """A hashable stand-in for ``schedule.config()`` (whose lists become tuples), cheap on every call."""
+    return tuple((name, tuple(value) if isinstance(value, list) else value)
+                 for name, value in sorted(schedule.config().items()))
+
+
 def graph_solve(solver: str, model, noise: Tensor, steps: int, schedule: VPSchedule, head, *, t_end: float,
                 striding: str, afs: bool, denoise: bool) -> tuple[Tensor, float]:
     """``sample(..., backend="cuda_graph")``: a cached :class:`GenieSampler` per model and settings.
@@ -205,7 +208,7 @@ def graph_solve(solver: str, model, noise: Tensor, steps: int, schedule: VPSched
     The cache keeps the last :data:`CACHE_SIZE` samplers (least recently used out first);
     its entries refer to their model and head, so :func:`clear_cache` frees them.
     """
-    key = (id(model), id(head), solver, steps, repr(schedule.config()), t_end, striding, afs, denoise)
+    key = (id(model), id(head), solver, steps, _schedule_key(schedule), t_end, striding, afs, denoise)
     sampler = _SAMPLERS.pop(key, None)
     if sampler is None:
         sampler = GenieSampler(model, steps, solver=solver, head=head, schedule=schedule, t_end=t_end,

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import solvers
-from .head import ConvHead
+from .kernels.sampler import check_fused_solver, fused_supports
 from .schedules import STRIDINGS, LinearVPSchedule, VPSchedule, check_steps, check_t_end, time_grid
 
 BACKENDS = ("auto", "reference", "triton", "cpp", "cuda_graph")
@@ -27,25 +27,32 @@ def check_noise(noise) -> None:
         raise ValueError("noise contains NaN or inf")
 
 
+def check_model_and_head(model, solver: str, head) -> None:
+    """The checks of ``model`` and ``head`` that every sampling entry point makes."""
+    if solver == "genie" and head is None:
+        raise ValueError("solver='genie' needs a distilled head (head=...); use solver='genie_exact' without one")
+    if solver != "genie" and head is not None:
+        raise ValueError(f"head= is only used by solver='genie', not {solver!r}")
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+
+
 def _resolve_backend(backend: str, solver: str, head, noise: Tensor) -> str:
     """The backend that will run; raises when the one asked for cannot run here."""
     if backend == "reference":
         return backend
     from .kernels import triton_status
 
-    fused = solver in ("ddim", "ab2") or (solver == "genie" and isinstance(head, ConvHead))
     if backend == "auto":
-        return "triton" if noise.is_cuda and fused and triton_status(noise.device)[0] else "reference"
-    if not fused:
-        raise ValueError(f"backend={backend!r} runs ddim, ab2 and genie with a ConvHead, not solver={solver!r} "
-                         f"with {type(head).__name__}; use backend='reference'")
+        fast = noise.is_cuda and fused_supports(solver, head) and triton_status(noise.device)[0]
+        return "triton" if fast else "reference"
+    check_fused_solver(solver, head, backend)
     if backend == "triton":
         usable, reason = triton_status(noise.device)
     elif backend == "cpp":
         from .ext import status
 
-        usable, reason = status()
-        usable = usable or reason.startswith("can be")
+        usable, reason = status()  # usable also where it can still be JIT-built
     else:
         from .graph import cuda_graph_status
 
@@ -109,12 +116,7 @@ def sample(
         raise ValueError(f"unknown striding {striding!r}; choose one of {STRIDINGS}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if solver == "genie" and head is None:
-        raise ValueError("solver='genie' needs a distilled head (head=...); use solver='genie_exact' without one")
-    if solver != "genie" and head is not None:
-        raise ValueError(f"head= is only used by solver='genie', not {solver!r}")
-    if not callable(model):
-        raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
+    check_model_and_head(model, solver, head)
 
     schedule = schedule or getattr(model, "schedule", None) or LinearVPSchedule()
     ts = time_grid(schedule, steps, t_end, striding)

@@ -88,7 +88,6 @@ class _Trajectory:
         t = self.ts[n].to(self.x.device, self.x.dtype).expand(self.x.shape[0])
         return checked_call(self.model, self.x, t)
 
-
     def advance(self, n: int, increment: Tensor, eps: Tensor, callback: Callback) -> None:
         self.xbar = self.xbar + increment
         self.x = self.xbar * float(torch.rsqrt(1.0 + self.gammas[n + 1] ** 2))

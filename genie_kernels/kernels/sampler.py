@@ -42,8 +42,13 @@ def device_grid(ts: Tensor, schedule: VPSchedule, noise: Tensor) -> DeviceGrid:
     return DeviceGrid(gammas, ts.to(device=noise.device, dtype=noise.dtype))
 
 
+def fused_supports(solver: str, head) -> bool:
+    """Whether the fused loop runs ``solver`` with ``head`` (ddim, ab2, genie with a ConvHead)."""
+    return solver in ("ddim", "ab2") or (solver == "genie" and isinstance(head, ConvHead))
+
+
 def check_fused_solver(solver: str, head, backend: str) -> None:
-    if solver not in SOLVERS or (solver == "genie" and not isinstance(head, ConvHead)):
+    if not fused_supports(solver, head):
         raise ValueError(f"backend={backend!r} runs ddim, ab2 and genie with a ConvHead, not solver={solver!r}"
                          f"{'' if head is None else f' with {type(head).__name__}'}; use backend='reference'")
 
