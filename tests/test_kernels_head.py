@@ -12,7 +12,7 @@ if not usable:
     pytest.skip(reason, allow_module_level=True)
 
 from genie_kernels.head import ConvHead, combine_mixed  # noqa: E402
-from genie_kernels.kernels.group_norm import group_norm_silu, group_norm_silu_reference  # noqa: E402
+from genie_kernels.kernels.group_norm import group_norm_silu, group_norm_silu_reference, is_channels_last  # noqa: E402
 from genie_kernels.kernels.head_blocks import fused_head_k  # noqa: E402
 from genie_kernels.models import ModelOutput  # noqa: E402
 
@@ -24,8 +24,11 @@ SHAPES = [((1, 4, 3, 5), 2), ((2, 12, 7, 9), 4), ((3, 6, 1, 1), 3), ((1, 8, 40, 
 
 @pytest.mark.parametrize("shape, groups", SHAPES)
 @pytest.mark.parametrize("dtype, atol, rtol", TOLERANCES)
-@pytest.mark.parametrize("fold", ["none", "bias", "residual", "both"])
-def test_group_norm_silu_matches_reference(shape, groups, dtype, atol, rtol, fold):
+@pytest.mark.parametrize("fold", ["none", "bias", "channel_bias", "residual", "both"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_group_norm_silu_matches_reference(shape, groups, dtype, atol, rtol, fold, layout):
+    if layout == "channels_last" and len(shape) != 4:
+        pytest.skip("channels-last is 4-D")
     gen = torch.Generator().manual_seed(len(fold) + shape[1])
     rand = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
     b, c = shape[:2]
@@ -33,17 +36,40 @@ def test_group_norm_silu_matches_reference(shape, groups, dtype, atol, rtol, fol
     kwargs = {}
     if fold in ("bias", "both"):
         kwargs["bias"] = rand(b, c)
+    if fold == "channel_bias":
+        kwargs["bias"] = rand(c)
     if fold in ("residual", "both"):
         kwargs |= {"residual": rand(*shape), "residual_scale": 2**-0.5}
-    cast = {k: v.to(DEVICE, dtype) if torch.is_tensor(v) else v for k, v in kwargs.items()}
-    out, y = group_norm_silu(h.to(DEVICE, dtype), weight.to(DEVICE, dtype), shift.to(DEVICE, dtype), groups, **cast)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+    def on_device(t):
+        t = t.to(DEVICE, dtype)
+        return t.contiguous(memory_format=memory_format) if t.shape == h.shape else t
+
+    cast = {k: on_device(v) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    h_in = on_device(h)
+    out, y = group_norm_silu(h_in, weight.to(DEVICE, dtype), shift.to(DEVICE, dtype), groups, **cast)
     ref_out, ref_y = group_norm_silu_reference(h, weight, shift, groups, **kwargs)
-    assert out.dtype == dtype
+    assert out.dtype == dtype and out.stride() == h_in.stride()
     torch.testing.assert_close(out.double().cpu(), ref_out, atol=atol, rtol=rtol)
     if "residual" in kwargs:
+        assert y.stride() == h_in.stride()
         torch.testing.assert_close(y.double().cpu(), ref_y, atol=atol, rtol=rtol)
     else:
         assert y is None
+
+
+@pytest.mark.parametrize("channels, groups", [(96, 32), (40, 2), (64, 1), (12, 12)])
+def test_group_norm_silu_channels_last_programs_of_several_groups(channels, groups):
+    """Channels-last programs take several whole groups (also a count that leaves a short last
+    program, 96 = 33 + 33 + 30); float32 against the float64 reference."""
+    gen = torch.Generator().manual_seed(channels)
+    h = torch.randn(2, channels, 3, 5, generator=gen, dtype=torch.float64) * 2 - 1
+    weight, shift, bias = (torch.randn(channels, generator=gen, dtype=torch.float64) for _ in range(3))
+    h_in = h.float().to(DEVICE).contiguous(memory_format=torch.channels_last)
+    out, _ = group_norm_silu(h_in, weight.float().to(DEVICE), shift.float().to(DEVICE), groups, bias=bias.float().to(DEVICE))
+    ref, _ = group_norm_silu_reference(h, weight, shift, groups, bias=bias)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5, rtol=1e-5)
 
 
 def test_group_norm_statistics_survive_a_large_mean():
@@ -61,9 +87,13 @@ def test_group_norm_silu_rejects_bad_input():
     with pytest.raises(ValueError, match="divisible"):
         group_norm_silu(h, w, w, 4)
     with pytest.raises(ValueError, match="bias"):
-        group_norm_silu(h, w, w, 3, bias=torch.ones(6, device=DEVICE))
+        group_norm_silu(h, w, w, 3, bias=torch.ones(2, 5, device=DEVICE))
     with pytest.raises(ValueError, match="residual"):
         group_norm_silu(h, w, w, 3, residual=h[:1])
+    with pytest.raises(ValueError, match="memory layout"):
+        group_norm_silu(h, w, w, 3, residual=h.contiguous(memory_format=torch.channels_last))
+    with pytest.raises(ValueError, match="contiguous or channels-last"):
+        group_norm_silu(h.transpose(2, 3), w, w, 3)
 
 
 def random_head(num_blocks, temb_channels, dtype=torch.float32):
@@ -75,15 +105,24 @@ def random_head(num_blocks, temb_channels, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("num_blocks, temb_channels", [(0, 0), (1, 0), (2, 24)])
-def test_fused_head_equals_reference_head(num_blocks, temb_channels):
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_head_equals_reference_head(num_blocks, temb_channels, channels_last, monkeypatch):
+    import genie_kernels.kernels.head_blocks as head_blocks
+
+    layouts = []  # the memory layout each fused launch was given
+    monkeypatch.setattr(head_blocks, "group_norm_silu",
+                        lambda h, *a, **k: layouts.append(is_channels_last(h)) or group_norm_silu(h, *a, **k))
     head = random_head(num_blocks, temb_channels)
     gen = torch.Generator().manual_seed(5)
     x, eps, features = (torch.randn(2, c, 6, 7, generator=gen).to(DEVICE) for c in (3, 3, 5))
     temb = torch.randn(2, temb_channels, generator=gen).to(DEVICE) if temb_channels else None
     out, gamma = ModelOutput(eps, features, temb), torch.tensor([0.3, 40.0], device=DEVICE)
     with torch.no_grad():
-        torch.testing.assert_close(combine_mixed(fused_head_k(head, x, out, gamma), gamma), head(x, out, gamma),
+        k = fused_head_k(head, x, out, gamma, channels_last=channels_last)
+        assert k.is_contiguous()
+        torch.testing.assert_close(combine_mixed(k, gamma), head(x, out, gamma),
                                    atol=2e-5, rtol=1e-5)
+    assert layouts == [channels_last] * (1 + 2 * num_blocks)
 
 
 class FeatureMixture(gk.EpsModel):

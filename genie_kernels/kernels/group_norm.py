@@ -2,8 +2,9 @@
 
 For input ``h`` of shape ``(B, C, *spatial)`` the kernel computes, per sample and group,
 
-    y   = h + bias[b, c]                       (optional per-sample channel bias, e.g. the
-                                                time-embedding projection added after conv1)
+    y   = h + bias[b, c]                       (optional; per channel ``(C,)`` or per sample
+                                                and channel ``(B, C)``: a convolution's bias,
+                                                the time-embedding projection, or their sum)
     y   = (residual + y) · residual_scale      (optional; the block's ``(x + h)/√2``, and
                                                 then y itself is returned too)
     out = SiLU((y − mean_g) / sqrt(var_g + eps) · weight[c] + shift[c])
@@ -12,7 +13,14 @@ with the group statistics taken in two passes (mean first, then the mean of squa
 deviations) in float32, never as E[y²] − E[y]².  In a head's residual block the chain
 ``GN → SiLU → conv1 → +temb → GN → SiLU → conv2 → (x + ·)/√2`` then needs two launches
 beside the two convolutions: one with ``bias`` after conv1, and one with ``residual``
-that finishes the block and normalises the next block's input.
+that finishes the block and normalises the next block's input.  Folding the
+convolutions' own biases into ``bias`` saves their separate add passes.
+
+Both memory layouts run without a copy: contiguous ``(B, C, ...)`` and, for 4-D input,
+``torch.channels_last`` (what cuDNN's half-precision convolutions prefer); ``out`` and
+``y`` take the input's layout.  A program owns whole groups of one sample and walks over
+the pixels in tiles of ``[pixels, channels]``: in channels-last it takes several groups
+at once so that each pixel's row of channels is a long contiguous read.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ def group_norm_silu_reference(
     _check(h, weight, shift, groups, bias, residual)
     y = h.float()
     if bias is not None:
-        y = y + bias.float().reshape(*bias.shape, *([1] * (h.dim() - 2)))
+        y = y + bias.float().expand(h.shape[:2]).reshape(*h.shape[:2], *([1] * (h.dim() - 2)))
     if residual is not None:
         y = (residual.float() + y) * residual_scale
     out = F.silu(F.group_norm(y, groups, weight.float(), shift.float(), eps))
@@ -47,10 +55,15 @@ def _check(h, weight, shift, groups, bias, residual) -> None:
         raise ValueError(f"channels {c} are not divisible by groups {groups}")
     if weight.shape != (c,) or shift.shape != (c,):
         raise ValueError(f"weight and shift must have shape ({c},)")
-    if bias is not None and bias.shape != (b, c):
-        raise ValueError(f"bias must have shape ({b}, {c}), got {tuple(bias.shape)}")
+    if bias is not None and bias.shape not in ((c,), (b, c)):
+        raise ValueError(f"bias must have shape ({c},) or ({b}, {c}), got {tuple(bias.shape)}")
     if residual is not None and residual.shape != h.shape:
         raise ValueError(f"residual must be shaped like the input {tuple(h.shape)}, got {tuple(residual.shape)}")
+
+
+def is_channels_last(h: Tensor) -> bool:
+    """Whether ``h`` is a 4-D channels-last tensor that is not also plainly contiguous."""
+    return h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
 
 
 try:
@@ -64,65 +77,101 @@ if triton is not None:
     @triton.jit
     def _group_norm_silu_kernel(
         h_ptr, weight_ptr, shift_ptr, bias_ptr, residual_ptr, out_ptr, y_ptr,
-        channels, spatial, channels_per_group, groups, eps, residual_scale,
-        HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+        channels, spatial, channels_per_group, channels_per_program, bias_batch_stride, eps, residual_scale,
+        CHANNELS_LAST: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+        ONE_GROUP: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        """One program per (sample, group); the group is read in BLOCK-sized chunks."""
-        pid = tl.program_id(0)
-        sample = pid // groups
-        group = pid - sample * groups
-        group_size = channels_per_group * spatial
-        base = (sample * channels + group * channels_per_group).to(tl.int64) * spatial
-        first_channel = group * channels_per_group
+        """Program (sample, channel block): whole groups, read in [BLOCK_P, BLOCK_C] tiles."""
+        sample = tl.program_id(0)
+        lane = tl.arange(0, BLOCK_C)
+        channel = tl.program_id(1) * channels_per_program + lane
+        channel_ok = (lane < channels_per_program) & (channel < channels)
+        sample_base = sample.to(tl.int64) * channels * spatial
+        # tile offsets = sample_base + pixel * pixel_stride + channel * channel_stride
+        if CHANNELS_LAST:
+            channel_offset = channel
+        else:
+            channel_offset = channel.to(tl.int64) * spatial
+        count = channels_per_group * spatial
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + sample * bias_batch_stride + channel, mask=channel_ok, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros([BLOCK_C], dtype=tl.float32)
 
-        # pass 1: mean of y over the group
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, group_size, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            mask = idx < group_size
-            y = tl.load(h_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                y += tl.load(bias_ptr + sample * channels + first_channel + idx // spatial, mask=mask, other=0.0).to(tl.float32)
+        # pass 1: mean of y over each group
+        total = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for start in range(0, spatial, BLOCK_P):
+            pixel = start + tl.arange(0, BLOCK_P)
+            offsets, mask = _tile(sample_base, pixel, channel_offset, channel_ok, channels, spatial, CHANNELS_LAST)
+            y = tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
             if HAS_RESIDUAL:
-                y = (tl.load(residual_ptr + base + idx, mask=mask, other=0.0).to(tl.float32) + y) * residual_scale
-                tl.store(y_ptr + base + idx, y.to(y_ptr.dtype.element_ty), mask=mask)
+                y = (tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + y) * residual_scale
+                tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
             total += tl.where(mask, y, 0.0)
-        mean = tl.sum(total, axis=0) / group_size
+        mean = _group_sum(tl.sum(total, axis=0), lane, channels_per_group, ONE_GROUP) / count
         tl.debug_barrier()  # make pass 1's stores of y visible to every thread of the program
 
         # pass 2: variance as the mean squared deviation (re-reads y, no E[y²] − E[y]²)
-        total = tl.zeros([BLOCK], dtype=tl.float32)
-        for start in range(0, group_size, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            mask = idx < group_size
-            y = _load_y(h_ptr, bias_ptr, residual_ptr, y_ptr, base, idx, mask, sample, channels, first_channel,
-                        spatial, residual_scale, HAS_BIAS, HAS_RESIDUAL)
-            deviation = tl.where(mask, y - mean, 0.0)
+        total = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+        for start in range(0, spatial, BLOCK_P):
+            pixel = start + tl.arange(0, BLOCK_P)
+            offsets, mask = _tile(sample_base, pixel, channel_offset, channel_ok, channels, spatial, CHANNELS_LAST)
+            y = _load_y(h_ptr, residual_ptr, y_ptr, offsets, mask, bias, HAS_RESIDUAL)
+            deviation = tl.where(mask, y - mean[None, :], 0.0)
             total += deviation * deviation
-        rstd = 1.0 / tl.sqrt(tl.sum(total, axis=0) / group_size + eps)
+        rstd = 1.0 / tl.sqrt(_group_sum(tl.sum(total, axis=0), lane, channels_per_group, ONE_GROUP) / count + eps)
 
         # pass 3: normalise, affine, SiLU
-        for start in range(0, group_size, BLOCK):
-            idx = start + tl.arange(0, BLOCK)
-            mask = idx < group_size
-            y = _load_y(h_ptr, bias_ptr, residual_ptr, y_ptr, base, idx, mask, sample, channels, first_channel,
-                        spatial, residual_scale, HAS_BIAS, HAS_RESIDUAL)
-            channel = first_channel + idx // spatial
-            w = tl.load(weight_ptr + channel, mask=mask, other=1.0).to(tl.float32)
-            s = tl.load(shift_ptr + channel, mask=mask, other=0.0).to(tl.float32)
-            z = (y - mean) * rstd * w + s
-            tl.store(out_ptr + base + idx, (z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=mask)
+        w = tl.load(weight_ptr + channel, mask=channel_ok, other=1.0).to(tl.float32)
+        s = tl.load(shift_ptr + channel, mask=channel_ok, other=0.0).to(tl.float32)
+        scale = rstd * w
+        for start in range(0, spatial, BLOCK_P):
+            pixel = start + tl.arange(0, BLOCK_P)
+            offsets, mask = _tile(sample_base, pixel, channel_offset, channel_ok, channels, spatial, CHANNELS_LAST)
+            y = _load_y(h_ptr, residual_ptr, y_ptr, offsets, mask, bias, HAS_RESIDUAL)
+            z = (y - mean[None, :]) * scale[None, :] + s[None, :]
+            tl.store(out_ptr + offsets, (z * tl.sigmoid(z)).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _load_y(h_ptr, bias_ptr, residual_ptr, y_ptr, base, idx, mask, sample, channels, first_channel,
-                spatial, residual_scale, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
-        """y of pass 1 again: the stored sum when there is a residual, else h (+ bias)."""
+    def _tile(sample_base, pixel, channel_offset, channel_ok, channels, spatial, CHANNELS_LAST: tl.constexpr):
+        """Offsets and mask of the [pixels, channels] tile in either layout."""
+        if CHANNELS_LAST:
+            pixel_offset = pixel.to(tl.int64) * channels
+        else:
+            pixel_offset = pixel
+        offsets = sample_base + pixel_offset[:, None] + channel_offset[None, :]
+        return offsets, (pixel < spatial)[:, None] & channel_ok[None, :]
+
+    @triton.jit
+    def _group_sum(per_channel, lane, channels_per_group, ONE_GROUP: tl.constexpr):
+        """Each lane's group total, from per-channel totals (masked lanes hold 0)."""
+        if ONE_GROUP:
+            return tl.zeros_like(per_channel) + tl.sum(per_channel, axis=0)
+        group = lane // channels_per_group
+        same_group = group[:, None] == group[None, :]
+        return tl.sum(tl.where(same_group, per_channel[None, :], 0.0), axis=1)
+
+    @triton.jit
+    def _load_y(h_ptr, residual_ptr, y_ptr, offsets, mask, bias, HAS_RESIDUAL: tl.constexpr):
+        """y of pass 1 again: the stored sum when there is a residual, else h + bias."""
         if HAS_RESIDUAL:
-            return tl.load(y_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(h_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + sample * channels + first_channel + idx // spatial, mask=mask, other=0.0).to(tl.float32)
-        return y
+            return tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        return tl.load(h_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + bias[None, :]
+
+
+TILE_ELEMENTS = 4096  # elements of one [pixels, channels] tile
+ROW_CHANNELS = 32  # channels-last: at least this many channels per program (64-byte rows in half precision)
+
+
+def launch_config(channels: int, groups: int, spatial: int, channels_last: bool) -> dict:
+    """Channels per program and tile shape: one group per program in (B, C, ...) layout, where a
+    group is contiguous; in channels-last as many groups as make a row of ``ROW_CHANNELS``."""
+    per_group = channels // groups
+    per_program = per_group * (min(groups, -(-ROW_CHANNELS // per_group)) if channels_last else 1)
+    block_c = triton.next_power_of_2(per_program)
+    block_p = max(1, min(triton.next_power_of_2(spatial), TILE_ELEMENTS // block_c))
+    return {"channels_per_program": per_program, "BLOCK_C": block_c, "BLOCK_P": block_p,
+            "ONE_GROUP": per_program == per_group}
 
 
 def _launch(h, weight, shift, groups, eps, bias, residual, residual_scale, launcher):
@@ -130,13 +179,15 @@ def _launch(h, weight, shift, groups, eps, bias, residual, residual_scale, launc
     y = torch.empty_like(h) if residual is not None else h.new_empty(0)
     batch, channels = h.shape[:2]
     spatial = h[0, 0].numel()
-    group_size = channels // groups * spatial
-    block = min(4096, triton.next_power_of_2(group_size))
-    launcher(_group_norm_silu_kernel)[(batch * groups,)](
+    channels_last = is_channels_last(h)
+    config = launch_config(channels, groups, spatial, channels_last)
+    per_program = config.pop("channels_per_program")
+    launcher(_group_norm_silu_kernel)[(batch, triton.cdiv(channels, per_program))](
         h, weight, shift, h if bias is None else bias, h if residual is None else residual, out,
         out if residual is None else y,  # y is neither stored nor read without a residual
-        channels, spatial, channels // groups, groups, eps, residual_scale,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, BLOCK=block,
+        channels, spatial, channels // groups, per_program, 0 if bias is None or bias.dim() == 1 else channels,
+        eps, residual_scale,
+        CHANNELS_LAST=channels_last, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, **config,
     )
     return out, y
 
@@ -157,16 +208,21 @@ def group_norm_silu(
 ) -> tuple[Tensor, Tensor | None]:
     """Fused ``SiLU(GroupNorm(y))`` (see the module docstring); returns ``(out, y or None)``.
 
-    Registered as ``torch.ops.genie_kernels.group_norm_silu``.  Inputs must be contiguous
-    and on one device; statistics are float32 whatever the storage dtype.
+    Registered as ``torch.ops.genie_kernels.group_norm_silu``.  ``h`` (and ``residual``,
+    in the same layout) must be contiguous or 4-D channels-last, the other tensors
+    contiguous, all on one device; statistics are float32 whatever the storage dtype.
     """
     if triton is None:
         raise RuntimeError("group_norm_silu needs triton; use group_norm_silu_reference")
     _check(h, weight, shift, groups, bias, residual)
-    tensors = [h, weight, shift] + [t for t in (bias, residual) if t is not None]
-    if not all(t.is_contiguous() for t in tensors):
-        raise ValueError("group_norm_silu needs contiguous tensors")
-    if any(t.device != h.device for t in tensors):
+    if not (h.is_contiguous() or is_channels_last(h)):
+        raise ValueError(f"group_norm_silu needs h contiguous or channels-last, got strides {h.stride()}")
+    if residual is not None and not (residual.is_contiguous() if h.is_contiguous() else is_channels_last(residual)):
+        raise ValueError(f"residual must have h's memory layout (strides {h.stride()}), got {residual.stride()}")
+    vectors = [weight, shift] + ([bias] if bias is not None else [])
+    if not all(t.is_contiguous() for t in vectors):
+        raise ValueError("group_norm_silu needs contiguous weight, shift and bias")
+    if any(t.device != h.device for t in vectors + ([residual] if residual is not None else [])):
         raise ValueError("group_norm_silu needs all tensors on one device")
     out, y = _group_norm_silu_op(h, weight, shift, groups, float(eps), bias, residual, float(residual_scale))
     return out, (y if residual is not None else None)

@@ -2,15 +2,22 @@
 
 Same maths as :meth:`genie_kernels.head.ConvHead.predict_k` (the head before the
 mixed-parametrisation combine, which the fused update kernel applies).  Per residual
-block the work is its two convolutions (cuDNN), the tiny time-embedding projection
-(a GEMM) and two :func:`group_norm_silu` launches:
+block the work is its two convolutions (cuDNN, run without their biases), the tiny
+time-embedding projection (a GEMM) and two :func:`group_norm_silu` launches:
 
-    a  = SiLU(GN1((x + h_prev)/√2))    ← launch 1 also finishes the previous block
+    a  = SiLU(GN1((x + h_prev + b2_prev)/√2))   ← launch 1 also finishes the previous block
     h1 = conv1(a)
-    a2 = SiLU(GN2(h1 + proj(SiLU(temb))))   ← launch 2
+    a2 = SiLU(GN2(h1 + b1 + proj(SiLU(temb))))  ← launch 2
     h_prev = conv2(a2)
 
-and the output norm ``SiLU(GN_out((x + h_prev)/√2))`` finishes the last block.
+and the output norm ``SiLU(GN_out((x + h_prev + b2_prev)/√2))`` finishes the last block.
+Each convolution's bias is added inside the launch that reads its output (the stream's
+first value ``conv_in(·)`` carries ``conv_in``'s bias into the first block's launches), so
+no launch only adds a bias.
+
+On CUDA the head runs channels-last (NHWC): cuDNN's half-precision convolutions work in
+that layout, and a (B, C, H, W)-contiguous input would be transposed before and after
+every convolution.  The returned k is contiguous.
 """
 
 from __future__ import annotations
@@ -24,30 +31,53 @@ from ..models import ModelOutput
 from .group_norm import RESIDUAL_SCALE, group_norm_silu
 
 
-def _norm_silu(norm: torch.nn.GroupNorm, h: Tensor, **fold) -> tuple[Tensor, Tensor | None]:
-    return group_norm_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, **fold)
+def _conv_without_bias(conv: torch.nn.Conv2d, a: Tensor) -> Tensor:
+    return F.conv2d(a, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-def fused_head_k(head: ConvHead, x: Tensor, out: ModelOutput, gamma: Tensor) -> Tensor:
-    """The head's raw output ``k = (k1, k2, k3)`` (3C channels), with fused GroupNorm blocks."""
+def _sum(*vectors: Tensor | None) -> Tensor | None:
+    present = [v for v in vectors if v is not None]
+    return sum(present[1:], present[0]) if present else None
+
+
+def _norm_silu(norm: torch.nn.GroupNorm, h: Tensor, bias: Tensor | None, residual: Tensor | None = None):
+    return group_norm_silu(h, norm.weight, norm.bias, norm.num_groups, norm.eps, bias=bias, residual=residual,
+                           residual_scale=RESIDUAL_SCALE if residual is not None else 1.0)
+
+
+def fused_head_k(head: ConvHead, x: Tensor, out: ModelOutput, gamma: Tensor, channels_last: bool | None = None) -> Tensor:
+    """The head's raw output ``k = (k1, k2, k3)`` (3C channels, contiguous), with fused GroupNorm blocks.
+
+    ``channels_last``: run the convolutions and launches in NHWC (default: on CUDA).
+    """
     if not isinstance(head, ConvHead):
         raise TypeError(f"the fused head path needs a ConvHead, got {type(head).__name__}")
     head.check_inputs(x, out)
+    if channels_last is None:
+        channels_last = x.is_cuda
     dtype = head.dtype
-    inputs = [x.to(dtype), out.eps.to(dtype)] + ([out.features.to(dtype)] if head.feature_channels else [])
+    inputs = torch.cat([x.to(dtype), out.eps.to(dtype)] + ([out.features.to(dtype)] if head.feature_channels else []), 1)
+    if channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     temb_act = F.silu(head._time_embedding(out, gamma))
-    residual = head.conv_in(torch.cat(inputs, dim=1))
-    pending = None  # conv2 output of the previous block, waiting for its residual add
+    # The residual stream is stream + stream_bias; pending is the last conv2's output and bias.
+    stream, stream_bias = _conv_without_bias(head.conv_in, inputs), head.conv_in.bias
+    pending = None
     for block in head.blocks:
-        if pending is None:
-            a, _ = _norm_silu(block.norm1, residual)
-        else:
-            a, residual = _norm_silu(block.norm1, pending, residual=residual, residual_scale=RESIDUAL_SCALE)
-        h1 = block.conv1(a)
-        a2, _ = _norm_silu(block.norm2, h1, bias=block.temb_proj(temb_act).contiguous())
-        pending = block.conv2(a2)
+        a, stream, stream_bias = _finish_block_and_norm(block.norm1, stream, stream_bias, pending)
+        h1 = _conv_without_bias(block.conv1, a)
+        temb_bias = F.linear(temb_act, block.temb_proj.weight, _sum(block.temb_proj.bias, block.conv1.bias))
+        a2, _ = _norm_silu(block.norm2, h1, temb_bias.contiguous())
+        pending = (_conv_without_bias(block.conv2, a2), block.conv2.bias)
+    a, _, _ = _finish_block_and_norm(head.norm_out, stream, stream_bias, pending)
+    return head.conv_out(a).contiguous()
+
+
+def _finish_block_and_norm(norm, stream: Tensor, stream_bias: Tensor | None, pending):
+    """``SiLU(norm(next stream))`` and the next stream (its bias now inside) for one launch."""
     if pending is None:
-        a, _ = _norm_silu(head.norm_out, residual)
-    else:
-        a, _ = _norm_silu(head.norm_out, pending, residual=residual, residual_scale=RESIDUAL_SCALE)
-    return head.conv_out(a)
+        a, _ = _norm_silu(norm, stream, stream_bias)
+        return a, stream, stream_bias
+    h, h_bias = pending
+    a, stream = _norm_silu(norm, h, _sum(h_bias, stream_bias), residual=stream)
+    return a, stream, None
