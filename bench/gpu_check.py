@@ -1,6 +1,7 @@
 """One-shot GPU check for a lent GPU machine: tests, then a short table of timings.
 
-    python bench/gpu_check.py            # about 2-4 minutes on an H100
+    python bench/gpu_check.py                  # about 3-5 minutes on an H100
+    python bench/gpu_check.py --out results/   # also keep the table and profiler tables
 
 1. The GPU tests of the Triton kernels (tests/test_kernels_*.py) against their
    PyTorch references.
@@ -9,18 +10,23 @@
    bandwidth as a fraction of the copy's, against the eager reference and
    torch.compile of the reference.
 4. The conv head's k (1 block, nf 128, 32 groups, features 128, temb 512) at batch 256,
-   32×32, fp16: eager ``ConvHead.predict_k`` vs the fused head vs torch.compile of
-   ``predict_k``, and the number of kernel launches of each (profiler).  The combine into
-   dε/dγ is part of the update kernel on the fused path.
-5. ``sample(..., backend="triton")`` vs ``backend="reference"`` for 10-step GENIE and
-   DDIM at batch 1 and 256, fp16, on a random-weight UNet of this package (32×32×3).
-6. The whole loop in one CUDA graph (:class:`genie_kernels.GenieSampler`): 10-step GENIE
+   32×32, fp16: eager ``ConvHead.predict_k`` vs the fused head in both layouts (NCHW and
+   channels-last) vs torch.compile of ``predict_k``, and the number of kernel launches of
+   each (profiler).  The combine into dε/dγ is part of the update kernel on the fused path.
+5. Batch-1 host cost per GroupNorm launch: through the custom op, as a raw Triton launch,
+   and eager ``group_norm`` + ``silu``.
+6. ``sample(..., backend="triton")`` vs ``backend="reference"`` for 10-step GENIE and
+   DDIM at batch 1 and 256, fp16, on a random-weight UNet of this package (32×32×3); the
+   batch-1 GENIE calls once more under the profiler (host vs GPU time, costliest host ops).
+7. The whole loop in one CUDA graph (:class:`genie_kernels.GenieSampler`): 10-step GENIE
    latency at batch 1 and throughput at batch 256, fp16, for the bundled MNIST model and
    a diffusers ``UNet2DModel`` with the DDPM CIFAR-10 architecture (35.7 M parameters,
    random weights), against the eager reference loop, the Triton loop, a diffusers
    ``DDIMScheduler`` loop and the reference loop around a
    ``torch.compile(mode="reduce-overhead")`` network; the graphed DDIM loop with the same
-   network (what head + update add); capture time; how long the host waits in a replay.
+   network (what head + update add); capture time, the first in the process (with the
+   Triton kernels' JIT compilation) and again for a new sampler; how long the host waits
+   in a replay.
 
 The C++ extension is built first (JIT, nvcc, sm_90 only).  Parts that would overrun the
 time budget (``--budget`` seconds, default 420) are skipped and say so.
@@ -43,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ROWS: list[tuple[str, str]] = []
+OUT_DIR: Path | None = None  # --out: profiler tables and the result table go here
 
 
 def row(name: str, value: str) -> None:
@@ -129,14 +136,73 @@ def head_forward() -> None:
                       torch.randn(b, 512, device="cuda", dtype=torch.float16))
     gamma = torch.full((b,), 0.7, device="cuda")
     compiled = torch.compile(head.predict_k)
+    variants = {
+        "eager": head.predict_k,
+        "fused NCHW": lambda *a: fused_head_k(head, *a, channels_last=False),
+        "fused NHWC": lambda *a: fused_head_k(head, *a, channels_last=True),
+        "compiled": compiled,
+    }
     with torch.no_grad():
-        eager = bench(lambda: head.predict_k(x, out, gamma))
-        fused = bench(lambda: fused_head_k(head, x, out, gamma))
-        comp = bench(lambda: compiled(x, out, gamma))
-        launches = [count_launches(lambda: f(x, out, gamma)) for f in (head.predict_k, lambda *a: fused_head_k(head, *a), compiled)]
-    row("head b256 32x32 nf128 fp16: eager / fused / compiled", f"{eager:.3f} / {fused:.3f} / {comp:.3f} ms")
-    row("head: fused speed-up over eager; over compiled", f"{eager / fused:.2f}x; {comp / fused:.2f}x")
-    row("head: kernel launches eager / fused / compiled", " / ".join(map(str, launches)))
+        ref = head.predict_k(x, out, gamma).float()
+        for name in ("fused NCHW", "fused NHWC"):
+            rel = float((variants[name](x, out, gamma).float() - ref).norm() / ref.norm())
+            row(f"head: {name} vs eager rel. diff (fp16)", f"{rel:.1e}")
+        ms = {name: bench(lambda: f(x, out, gamma)) for name, f in variants.items()}
+        launches = {name: count_launches(lambda: f(x, out, gamma)) for name, f in variants.items()}
+    row("head b256 32x32 nf128 fp16 (ms): " + " / ".join(ms), " / ".join(f"{v:.3f}" for v in ms.values()))
+    for name in ("fused NCHW", "fused NHWC"):
+        row(f"head: {name} speed-up over eager; over compiled",
+            f"{ms['eager'] / ms[name]:.2f}x; {ms['compiled'] / ms[name]:.2f}x")
+    row("head: kernel launches " + " / ".join(launches), " / ".join(map(str, launches.values())))
+
+
+def host_costs() -> None:
+    """Batch-1 host time per call (no sync inside): the GN launch through the custom op, the raw
+    Triton launch, and eager GroupNorm + SiLU; where the batch-1 Triton loop's time goes."""
+    import torch.nn.functional as F
+
+    from genie_kernels.kernels import group_norm as gn
+
+    h = torch.randn(1, 64, 32, 32, device="cuda", dtype=torch.float16)
+    w = torch.ones(64, device="cuda", dtype=torch.float16)
+    calls = {
+        "custom op": lambda: gn.group_norm_silu(h, w, w, 8),
+        "raw launch": lambda: gn._launch(h, w, w, 8, 1e-5, None, None, 1.0, lambda kernel: kernel),
+        "eager GN + SiLU": lambda: F.silu(F.group_norm(h, 8, w, w)),
+    }
+    us = {}
+    for name, call in calls.items():
+        for _ in range(50):
+            call()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(1000):
+            call()
+        us[name] = (time.perf_counter() - start) * 1e3
+        torch.cuda.synchronize()
+    row("GN b1 host time per call (us): " + " / ".join(us), " / ".join(f"{v:.0f}" for v in us.values()))
+
+
+def profile_call(label: str, fn, out_dir: Path | None) -> None:
+    """One call under the profiler: host wall time, GPU kernel time, the costliest host ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    device_us = sum(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) for e in events)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:4]
+    row(f"{label}: profiled wall / GPU kernel time", f"{wall:.1f} / {device_us / 1e3:.1f} ms")
+    row(f"{label}: top host ops (self ms, calls)",
+        "; ".join(f"{e.key[:36]} {e.self_cpu_time_total / 1e3:.1f} ({e.count})" for e in top))
+    if out_dir is not None:
+        table = events.table(sort_by="self_cpu_time_total", row_limit=30)
+        (out_dir / f"profile_{label.replace(' ', '_')}.txt").write_text(table)
 
 
 def sampler() -> None:
@@ -161,6 +227,10 @@ def sampler() -> None:
             rel = float((got - ref).norm() / ref.norm())
             row(f"sample {solver} 10 steps b{batch} fp16: reference / triton",
                 f"{times['reference']:.2f} / {times['triton']:.2f} ms ({times['reference'] / times['triton']:.2f}x), rel diff {rel:.1e}")
+            if batch == 1 and solver == "genie":
+                for backend in ("reference", "triton"):
+                    profile_call(f"b1 genie {backend}", lambda: gk.sample(model, noise, 10, solver=solver,
+                                                                           backend=backend, **extra), OUT_DIR)
 
 
 def cifar10_unet():
@@ -244,7 +314,12 @@ def whole_loop_graphs(deadline: float) -> None:
             shown = {k: (f"{v:.2f}" if batch == 1 else f"{batch / v * 1e3:.0f}") for k, v in times.items()}
             row(f"{name} b{batch} 10-step GENIE ({unit}): " + " / ".join(shown), " / ".join(shown.values()))
             row(f"{name} b{batch}: head + update over graphed DDIM", f"+{100 * (times['graph'] / times['graph ddim'] - 1):.1f}%")
-            row(f"{name} b{batch}: capture, of which 2 warm-up loops", f"{genie.capture_seconds:.2f} s, {genie.warmup_seconds:.2f} s")
+            again = GenieSampler(model, 10, solver="genie", head=head, check_finite=False)
+            again(noise)
+            row(f"{name} b{batch}: capture s: first (of it warm-up) / a new sampler, same shape",
+                f"{genie.capture_seconds:.2f} ({genie.warmup_seconds:.2f}) / {again.capture_seconds:.2f} "
+                f"({again.warmup_seconds:.2f})")
+            del again
             host, device = host_wait_ms(genie, noise)
             row(f"{name} b{batch}: one call, host returns after / device runs", f"{host:.2f} / {device:.2f} ms")
             ref = gk.sample(model, noise, 10, solver="genie", head=head, backend="reference").float()
@@ -294,15 +369,20 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=420.0, help="seconds; later parts are skipped past it")
     p.add_argument("--only", default="", help="comma-separated parts to run (default: all)")
+    p.add_argument("--out", type=Path, default=None, help="folder for the profiler tables and the result table")
     args = p.parse_args()
+    global OUT_DIR
+    OUT_DIR = args.out
+    if OUT_DIR is not None:
+        OUT_DIR.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check")
         return 1
     os.chdir(ROOT)
     deadline = time.perf_counter() + args.budget
     row("device", f"{torch.cuda.get_device_name()} | torch {torch.__version__}")
-    parts = [build_extension, run_tests, copy_bandwidth, update_kernel, head_forward, sampler, whole_loop_graphs,
-             compiled_loops]
+    parts = [build_extension, run_tests, copy_bandwidth, update_kernel, head_forward, host_costs, sampler,
+             whole_loop_graphs, compiled_loops]
     wanted = set(filter(None, args.only.split(",")))
     copy_gbps = float("nan")
     for part in parts:
@@ -320,9 +400,10 @@ def main() -> int:
             result = guarded(part)
             if part is copy_bandwidth and result:
                 copy_gbps = result
-    print("\n| check | result |\n|---|---|")
-    for name, value in ROWS:
-        print(f"| {name} | {value} |")
+    table = "\n".join(["| check | result |", "|---|---|"] + [f"| {name} | {value} |" for name, value in ROWS])
+    print("\n" + table)
+    if OUT_DIR is not None:
+        (OUT_DIR / "table.md").write_text(table + "\n")
     return 0
 
 

@@ -39,6 +39,7 @@ from .models import EpsModel, ModelOutput, as_model
 from .schedules import LinearVPSchedule, VPSchedule, check_steps, check_t_end, time_grid
 
 UPDATES = ("auto", "cpp", "triton", "reference")
+WARMUP_LOOPS = 1  # eager loops before capture; one runs every kernel of the loop at least `steps` times
 
 
 class GraphCaptureError(RuntimeError):
@@ -111,7 +112,7 @@ class GenieSampler:
 
     Call it with noise shaped ``(B, ...)`` on the model's device; it returns a new tensor.
     ``capture_seconds`` is the time the last capture took, ``warmup_seconds`` the part of it
-    spent in the two eager warm-up loops (kernel compilation, cuDNN autotuning), and ``nfe``
+    spent in the eager warm-up loop (kernel compilation, cuDNN plans, lazy CUDA library set-up), and ``nfe``
     the loop's network evaluations.
     """
 
@@ -153,7 +154,7 @@ class GenieSampler:
         side = torch.cuda.Stream(noise.device)
         side.wait_stream(torch.cuda.current_stream(noise.device))
         with torch.no_grad(), torch.cuda.stream(side):  # warm-up: compile kernels, pick cuDNN algorithms
-            for _ in range(2):
+            for _ in range(WARMUP_LOOPS):
                 self._loop(self._noise)
         torch.cuda.current_stream(noise.device).wait_stream(side)
         torch.cuda.synchronize(noise.device)
