@@ -37,8 +37,10 @@ by side in this one process.
 
 from __future__ import annotations
 
+import cProfile
 import functools
 import os
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -200,9 +202,19 @@ def profile_call(label: str, fn, out_dir: Path | None) -> None:
     row(f"{label}: profiled wall / GPU kernel time", f"{wall:.1f} / {device_us / 1e3:.1f} ms")
     row(f"{label}: top host ops (self ms, calls)",
         "; ".join(f"{e.key[:36]} {e.self_cpu_time_total / 1e3:.1f} ({e.count})" for e in top))
+    python_profile = cProfile.Profile()  # the Python side: which functions the host time is spent in
+    python_profile.runcall(fn)
+    torch.cuda.synchronize()
+    stats = pstats.Stats(python_profile)
+    entries = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:4]  # by own time
+    row(f"{label}: top Python functions (own ms, calls)",
+        "; ".join(f"{Path(file).name}:{line}({name}) {own * 1e3:.1f} ({calls})"
+                  for (file, line, name), (_, calls, own, _, _) in entries))
     if out_dir is not None:
-        table = events.table(sort_by="self_cpu_time_total", row_limit=30)
-        (out_dir / f"profile_{label.replace(' ', '_')}.txt").write_text(table)
+        name = label.replace(" ", "_")
+        (out_dir / f"profile_{name}.txt").write_text(events.table(sort_by="self_cpu_time_total", row_limit=30))
+        with open(out_dir / f"python_profile_{name}.txt", "w") as f:
+            pstats.Stats(python_profile, stream=f).sort_stats("tottime").print_stats(30)
 
 
 def sampler() -> None:
