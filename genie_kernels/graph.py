@@ -112,8 +112,8 @@ class GenieSampler:
 
     Call it with noise shaped ``(B, ...)`` on the model's device; it returns a new tensor.
     ``capture_seconds`` is the time the last capture took, ``warmup_seconds`` the part of it
-    spent in the eager warm-up loop (kernel compilation, cuDNN plans, lazy CUDA library set-up), and ``nfe``
-    the loop's network evaluations.
+    spent in the eager warm-up loop (kernel compilation, cuDNN plans, lazy CUDA set-up),
+    and ``nfe`` the loop's network evaluations.
     """
 
     def __init__(self, model, steps: int, *, solver: str = "genie", head=None, schedule: VPSchedule | None = None,

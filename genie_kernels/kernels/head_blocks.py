@@ -45,7 +45,8 @@ def _norm_silu(norm: torch.nn.GroupNorm, h: Tensor, bias: Tensor | None, residua
                            residual_scale=RESIDUAL_SCALE if residual is not None else 1.0)
 
 
-def fused_head_k(head: ConvHead, x: Tensor, out: ModelOutput, gamma: Tensor, channels_last: bool | None = None) -> Tensor:
+def fused_head_k(head: ConvHead, x: Tensor, out: ModelOutput, gamma: Tensor,
+                 channels_last: bool | None = None) -> Tensor:
     """The head's raw output ``k = (k1, k2, k3)`` (3C channels, contiguous), with fused GroupNorm blocks.
 
     ``channels_last``: run the convolutions and launches in NHWC (default: on CUDA).
@@ -56,7 +57,8 @@ def fused_head_k(head: ConvHead, x: Tensor, out: ModelOutput, gamma: Tensor, cha
     if channels_last is None:
         channels_last = x.is_cuda
     dtype = head.dtype
-    inputs = torch.cat([x.to(dtype), out.eps.to(dtype)] + ([out.features.to(dtype)] if head.feature_channels else []), 1)
+    inputs = [x.to(dtype), out.eps.to(dtype)] + ([out.features.to(dtype)] if head.feature_channels else [])
+    inputs = torch.cat(inputs, dim=1)
     if channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     temb_act = F.silu(head._time_embedding(out, gamma))
