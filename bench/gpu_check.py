@@ -37,6 +37,7 @@ by side in this one process.
 
 from __future__ import annotations
 
+import copy
 import cProfile
 import functools
 import os
@@ -138,10 +139,13 @@ def head_forward() -> None:
                       torch.randn(b, 512, device="cuda", dtype=torch.float16))
     gamma = torch.full((b,), 0.7, device="cuda")
     compiled = torch.compile(head.predict_k)
+    nhwc_head = copy.deepcopy(head).to(memory_format=torch.channels_last)  # weights stored channels-last
     variants = {
         "eager": head.predict_k,
+        "eager, NHWC weights": nhwc_head.predict_k,
         "fused NCHW": lambda *a: fused_head_k(head, *a, channels_last=False),
         "fused NHWC": lambda *a: fused_head_k(head, *a, channels_last=True),
+        "fused NHWC, NHWC weights": lambda *a: fused_head_k(nhwc_head, *a, channels_last=True),
         "compiled": compiled,
     }
     with torch.no_grad():
@@ -152,7 +156,7 @@ def head_forward() -> None:
         ms = {name: bench(lambda: f(x, out, gamma)) for name, f in variants.items()}
         launches = {name: count_launches(lambda: f(x, out, gamma)) for name, f in variants.items()}
     row("head b256 32x32 nf128 fp16 (ms): " + " / ".join(ms), " / ".join(f"{v:.3f}" for v in ms.values()))
-    for name in ("fused NCHW", "fused NHWC"):
+    for name in ("fused NCHW", "fused NHWC", "fused NHWC, NHWC weights"):
         row(f"head: {name} speed-up over eager; over compiled",
             f"{ms['eager'] / ms[name]:.2f}x; {ms['compiled'] / ms[name]:.2f}x")
     row("head: kernel launches " + " / ".join(launches), " / ".join(map(str, launches.values())))
