@@ -72,6 +72,22 @@ def test_group_norm_silu_channels_last_programs_of_several_groups(channels, grou
     torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5, rtol=1e-5)
 
 
+def test_launch_config_gives_programs_whole_groups_and_bounded_tiles():
+    from genie_kernels.kernels.group_norm import TILE_ELEMENTS, launch_config
+
+    for channels, groups in [(c, g) for c in (1, 3, 12, 32, 96, 128, 256, 640) for g in (1, 2, 3, 4, 8, 32) if c % g == 0]:
+        for spatial in (1, 49, 1024, 4096):
+            for channels_last in (False, True):
+                config = launch_config(channels, groups, spatial, channels_last)
+                per_group, per_program = channels // groups, config["channels_per_program"]
+                assert per_program % per_group == 0 and per_program <= config["BLOCK_C"]
+                assert config["ONE_GROUP"] == (per_program == per_group)
+                if not config["ONE_GROUP"]:  # the [BLOCK_C, BLOCK_C] group-sum mask stays small
+                    assert config["BLOCK_C"] <= 64
+                assert config["BLOCK_P"] * config["BLOCK_C"] <= max(TILE_ELEMENTS, config["BLOCK_C"])
+                assert 1 <= config["num_warps"] <= 8
+
+
 def test_group_norm_statistics_survive_a_large_mean():
     """Two-pass statistics: a mean of 1e4 with unit spread is still normalised correctly in float32."""
     h = torch.randn(2, 4, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 1e4

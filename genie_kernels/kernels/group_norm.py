@@ -164,14 +164,15 @@ ROW_CHANNELS = 32  # channels-last: at least this many channels per program (64-
 
 
 def launch_config(channels: int, groups: int, spatial: int, channels_last: bool) -> dict:
-    """Channels per program and tile shape: one group per program in (B, C, ...) layout, where a
-    group is contiguous; in channels-last as many groups as make a row of ``ROW_CHANNELS``."""
+    """Channels per program, tile shape and warps: one group per program in (B, C, ...) layout,
+    where a group is contiguous; in channels-last as many groups as make a row of ``ROW_CHANNELS``."""
     per_group = channels // groups
     per_program = per_group * (min(groups, -(-ROW_CHANNELS // per_group)) if channels_last else 1)
     block_c = triton.next_power_of_2(per_program)
     block_p = max(1, min(triton.next_power_of_2(spatial), TILE_ELEMENTS // block_c))
+    num_warps = min(max(block_p * block_c // 256, 1), 8)  # 16-32 elements of a tile per thread
     return {"channels_per_program": per_program, "BLOCK_C": block_c, "BLOCK_P": block_p,
-            "ONE_GROUP": per_program == per_group}
+            "ONE_GROUP": per_program == per_group, "num_warps": num_warps}
 
 
 def _launch(h, weight, shift, groups, eps, bias, residual, residual_scale, launcher):
