@@ -67,15 +67,17 @@ def test_group_norm_silu_channels_last_programs_of_several_groups(channels, grou
     h = torch.randn(2, channels, 3, 5, generator=gen, dtype=torch.float64) * 2 - 1
     weight, shift, bias = (torch.randn(channels, generator=gen, dtype=torch.float64) for _ in range(3))
     h_in = h.float().to(DEVICE).contiguous(memory_format=torch.channels_last)
-    out, _ = group_norm_silu(h_in, weight.float().to(DEVICE), shift.float().to(DEVICE), groups, bias=bias.float().to(DEVICE))
-    ref, _ = group_norm_silu_reference(h, weight, shift, groups, bias=bias)
+    weight, shift, bias_in = (t.float().to(DEVICE) for t in (weight, shift, bias))
+    out, _ = group_norm_silu(h_in, weight, shift, groups, bias=bias_in)
+    ref, _ = group_norm_silu_reference(h, weight.double().cpu(), shift.double().cpu(), groups, bias=bias)
     torch.testing.assert_close(out.double().cpu(), ref, atol=2e-5, rtol=1e-5)
 
 
 def test_launch_config_gives_programs_whole_groups_and_bounded_tiles():
     from genie_kernels.kernels.group_norm import TILE_ELEMENTS, launch_config
 
-    for channels, groups in [(c, g) for c in (1, 3, 12, 32, 96, 128, 256, 640) for g in (1, 2, 3, 4, 8, 32) if c % g == 0]:
+    cases = [(c, g) for c in (1, 3, 12, 32, 96, 128, 256, 640) for g in (1, 2, 3, 4, 8, 32) if c % g == 0]
+    for channels, groups in cases:
         for spatial in (1, 49, 1024, 4096):
             for channels_last in (False, True):
                 config = launch_config(channels, groups, spatial, channels_last)
