@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HEAD_SHAPES = [(128, 32, 32 * 32), (64, 8, 32 * 32), (32, 8, 28 * 28)]  # (channels, groups, pixels)
-TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
 
 
 @dataclass
@@ -35,6 +34,7 @@ class Variant:
     config: str
     registers: int
     local_bytes: int
+    widest_load: int  # bytes per thread of the widest global load instruction (16: fully vectorised)
 
 
 def _tools() -> Path:
@@ -56,62 +56,100 @@ def available() -> tuple[bool, str]:
     return True, f"triton's NVIDIA tools in {tools}"
 
 
-def _compile(kernel, signature: dict, constexprs: dict, arch: int, num_warps: int) -> tuple[int, int]:
-    """(registers, local memory bytes) of one variant compiled for sm_<arch>."""
+class _Recorder:
+    """Stands in for ``torch.library.wrap_triton`` in a host launch function: records the kernel,
+    its arguments and launch options instead of launching."""
+
+    def __call__(self, kernel):
+        self.kernel = kernel
+        return self
+
+    def __getitem__(self, grid):
+        return self._record
+
+    def _record(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+def _compile(recorded: _Recorder, arch: int) -> tuple[int, int, int]:
+    """(registers, local memory bytes, widest global load in bytes) of the recorded launch,
+    specialised as Triton's JIT would specialise it (ints equal to 1 become constants, ints
+    divisible by 16 and 16-byte aligned pointers are marked so) and compiled for sm_<arch>."""
     import triton
-    from triton.backends.compiler import GPUTarget
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
-    full = {name: ("constexpr" if name in constexprs else signature[name]) for name in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, full, constexprs=constexprs), target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": num_warps})
+    kernel, kwargs = recorded.kernel, dict(recorded.kwargs)
+    options = {name: kwargs.pop(name) for name in ("num_warps", "num_stages") if name in kwargs}
+    values = dict(zip(kernel.arg_names, recorded.args), **kwargs)
+    signature, constexprs, attrs = {}, {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if kernel.params[index].is_constexpr:
+            signature[name], constexprs[name] = "constexpr", values[name]
+            continue
+        kind, attr = native_specialize_impl(BaseBackend, values[name], False, True, True)
+        if kind == "constexpr":
+            signature[name], constexprs[name] = "constexpr", attr
+        else:
+            signature[name] = kind
+            if attr:
+                attrs[(index,)] = BaseBackend.parse_attr(attr)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=options)
     with tempfile.TemporaryDirectory() as folder:
         cubin = Path(folder) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([str(_tools() / "cuobjdump"), "-res-usage", str(cubin)], check=True,
                                capture_output=True, text=True).stdout
     registers, local = re.search(r"REG:(\d+).*LOCAL:(\d+)", usage).groups()
-    return int(registers), int(local)
+    loads = re.findall(r"ld\.global(?:\.\w+)*?(?:\.v(\d))?\.b(\d+)", compiled.asm["ptx"])
+    widest = max((int(vector or 1) * int(bits) // 8 for vector, bits in loads), default=0)
+    return int(registers), int(local), widest
 
 
 def group_norm_variants(arch: int):
-    from .group_norm import _group_norm_silu_kernel, launch_config
+    import torch
 
-    scalars = {"channels": "i32", "spatial": "i32", "channels_per_group": "i32", "channels_per_program": "i32",
-               "bias_batch_stride": "i32", "eps": "fp32", "residual_scale": "fp32"}
+    from .group_norm import _launch, is_channels_last, launch_config
+
     cases = [(shape, dtype, channels_last, fold) for shape in HEAD_SHAPES for channels_last in (False, True)
              for fold in ("bias", "bias+residual") for dtype in ("float16",)]
     cases += [(HEAD_SHAPES[0], dtype, True, "bias+residual") for dtype in ("float32", "bfloat16")]
     cases += [(HEAD_SHAPES[0], "float16", channels_last, "none") for channels_last in (False, True)]
     for (channels, groups, pixels), dtype, channels_last, fold in cases:
-        config = launch_config(channels, groups, pixels, channels_last)
-        config.pop("channels_per_program")
-        num_warps = config.pop("num_warps")
-        pointer = "*" + TYPES[dtype]
-        signature = dict(scalars, **{name: pointer for name in _group_norm_silu_kernel.arg_names if name.endswith("_ptr")})
-        constexprs = dict(config, CHANNELS_LAST=channels_last, HAS_BIAS="bias" in fold, HAS_RESIDUAL="residual" in fold)
-        registers, local = _compile(_group_norm_silu_kernel, signature, constexprs, arch, num_warps)
-        layout = "NHWC" if channels_last else "NCHW"
-        label = f"C{channels} G{groups} {pixels}px {dtype} {layout} {fold}, tile {config['BLOCK_P']}x{config['BLOCK_C']}"
-        yield Variant("group_norm_silu", f"{label}, {num_warps} warps", registers, local)
+        side = int(pixels ** 0.5)
+        h = torch.empty(2, channels, side, side, dtype=getattr(torch, dtype))
+        if channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        vector = torch.empty(channels, dtype=h.dtype)
+        bias = torch.empty(2, channels, dtype=h.dtype) if "bias" in fold else None
+        residual = torch.empty_like(h) if "residual" in fold else None
+        recorded = _Recorder()
+        _launch(h, vector, vector, groups, 1e-5, bias, residual, 0.5, recorded)
+        registers, local, widest = _compile(recorded, arch)
+        config = launch_config(channels, groups, side * side, is_channels_last(h))
+        label = (f"C{channels} G{groups} {side}x{side} {dtype} {'NHWC' if channels_last else 'NCHW'} {fold}, "
+                 f"tile {config['BLOCK_P']}x{config['BLOCK_C']}, {config['num_warps']} warps")
+        yield Variant("group_norm_silu", label, registers, local, widest)
 
 
 def update_variants(arch: int):
-    import triton.language as tl
+    import torch
 
-    from .update import MODES, _taylor_update_kernel
+    from .update import MODES, _launch
 
+    gammas = torch.empty(11, dtype=torch.float64)
     for xbar_dtype, eps_dtype in (("float32", "float16"), ("float32", "bfloat16"), ("float32", "float32"),
                                   ("float64", "float64")):
+        xbar = torch.empty(2, 3, 32, 32, dtype=getattr(torch, xbar_dtype))
+        eps = torch.empty(2, 3, 32, 32, dtype=getattr(torch, eps_dtype))
         for mode in MODES:
-            signature = {"xbar_ptr": "*" + TYPES[xbar_dtype], "new_xbar_ptr": "*" + TYPES[xbar_dtype],
-                         "eps_ptr": "*" + TYPES[eps_dtype], "aux_ptr": "*" + TYPES[eps_dtype],
-                         "new_x_ptr": "*" + TYPES[eps_dtype], "gammas_ptr": "*fp64",
-                         "step": "i32", "numel": "i32", "per_sample": "i32"}
-            compute = tl.float64 if xbar_dtype == "float64" else tl.float32
-            constexprs = {"MODE": MODES.index(mode), "COMPUTE": compute, "BLOCK": 1024}
-            registers, local = _compile(_taylor_update_kernel, signature, constexprs, arch, num_warps=4)
-            yield Variant("taylor_update", f"{mode}, x̄ {xbar_dtype}, ε {eps_dtype}, block 1024", registers, local)
+            aux = {"ddim": None, "genie": torch.empty(2, 9, 32, 32, dtype=eps.dtype), "ab2": torch.empty_like(eps)}[mode]
+            recorded = _Recorder()
+            _launch(xbar, eps, aux, gammas, 2, mode, recorded)
+            registers, local, widest = _compile(recorded, arch)
+            yield Variant("taylor_update", f"{mode}, x̄ {xbar_dtype}, ε {eps_dtype}, step 2", registers, local, widest)
 
 
 def compile_all(arch: int = 90) -> list[Variant]:
@@ -132,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(err, file=sys.stderr)
         return 2
-    print(f"| kernel | variant (sm_{args.arch}) | registers | local memory (spills) |\n|---|---|---|---|")
+    print(f"| kernel | variant (sm_{args.arch}) | registers | widest load | local memory (spills) |")
+    print("|---|---|---|---|---|")
     for v in variants:
-        print(f"| {v.kernel} | {v.config} | {v.registers} | {v.local_bytes} B |")
+        print(f"| {v.kernel} | {v.config} | {v.registers} | {v.widest_load} B | {v.local_bytes} B |")
     spilled = [v for v in variants if v.local_bytes]
     print(f"{len(variants)} variants compiled, {len(spilled)} with local memory")
     return 1 if spilled else 0
