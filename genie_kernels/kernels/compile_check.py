@@ -4,11 +4,14 @@
     python -m genie_kernels.kernels.compile_check --arch 80  # A100
 
 Triton compiles ahead of time for any target: source → TTIR → PTX → cubin (with the ptxas
-shipped in the triton wheel), no driver needed.  For every kernel variant the sampler and
-the head launch (modes, dtypes, both GroupNorm layouts, the folds) this builds the cubin
-and reads its resource usage with the wheel's ``cuobjdump``: registers per thread and
-local memory, which is non-zero when registers spill.  The tests run it on machines with
-no GPU, so a kernel that would not compile (or would spill) for the H100 fails in CI.
+shipped in the triton wheel), no driver needed.  Every kernel variant the sampler and the
+head launch (modes, dtypes, both GroupNorm layouts, the folds) is recorded from its real
+host launch function, specialised on those arguments as Triton's JIT would specialise
+them, and compiled; the wheel's ``cuobjdump`` gives registers per thread and local memory
+(non-zero when registers spill), the PTX the widest global load.  A variant has a
+problem when it spills, or when its rows are whole 16-byte vectors and it still loads
+less than 16 bytes per instruction.  The tests run it on machines with no GPU, so a
+kernel that would not compile, spill or lose its vector loads on an H100 fails in CI.
 
 It cannot run under ``TRITON_INTERPRET=1`` (the kernels are then interpreter objects);
 the tests start it in a subprocess without that variable.
@@ -35,6 +38,12 @@ class Variant:
     registers: int
     local_bytes: int
     widest_load: int  # bytes per thread of the widest global load instruction (16: fully vectorised)
+    aligned: bool = True  # its rows are whole 16-byte vectors, so 16-byte loads are expected
+
+    @property
+    def problems(self) -> list[str]:
+        return ((["spills to local memory"] if self.local_bytes else []) +
+                (["no 16-byte loads"] if self.aligned and self.widest_load < 16 else []))
 
 
 def _tools() -> Path:
@@ -117,13 +126,15 @@ def group_norm_variants(arch: int):
              for fold in ("bias", "bias+residual") for dtype in ("float16",)]
     cases += [(HEAD_SHAPES[0], dtype, True, "bias+residual") for dtype in ("float32", "bfloat16")]
     cases += [(HEAD_SHAPES[0], "float16", channels_last, "none") for channels_last in (False, True)]
+    # odd sizes: one channel per group (an argument equal to 1 becomes a constant), a per-channel bias
+    cases += [((12, 12, 7 * 7), "float32", channels_last, "channel bias") for channels_last in (False, True)]
     for (channels, groups, pixels), dtype, channels_last, fold in cases:
         side = int(pixels ** 0.5)
         h = torch.empty(2, channels, side, side, dtype=getattr(torch, dtype))
         if channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
         vector = torch.empty(channels, dtype=h.dtype)
-        bias = torch.empty(2, channels, dtype=h.dtype) if "bias" in fold else None
+        bias = None if "bias" not in fold else torch.empty(*([] if "channel" in fold else [2]), channels, dtype=h.dtype)
         residual = torch.empty_like(h) if "residual" in fold else None
         recorded = _Recorder()
         _launch(h, vector, vector, groups, 1e-5, bias, residual, 0.5, recorded)
@@ -131,7 +142,7 @@ def group_norm_variants(arch: int):
         config = launch_config(channels, groups, side * side, is_channels_last(h))
         label = (f"C{channels} G{groups} {side}x{side} {dtype} {'NHWC' if channels_last else 'NCHW'} {fold}, "
                  f"tile {config['BLOCK_P']}x{config['BLOCK_C']}, {config['num_warps']} warps")
-        yield Variant("group_norm_silu", label, registers, local, widest)
+        yield Variant("group_norm_silu", label, registers, local, widest, aligned=(side * side) % 16 == 0)
 
 
 def update_variants(arch: int):
@@ -174,9 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     for v in variants:
         print(f"| {v.kernel} | {v.config} | {v.registers} | {v.widest_load} B | {v.local_bytes} B |")
-    spilled = [v for v in variants if v.local_bytes]
-    print(f"{len(variants)} variants compiled, {len(spilled)} with local memory")
-    return 1 if spilled else 0
+    failing = [v for v in variants if v.problems]
+    for v in failing:
+        print(f"problem: {v.kernel} {v.config}: {', '.join(v.problems)}")
+    print(f"{len(variants)} variants compiled, {len(failing)} with problems")
+    return 1 if failing else 0
 
 
 if __name__ == "__main__":
