@@ -81,13 +81,13 @@ def test_launch_config_gives_programs_whole_groups_and_bounded_tiles():
         for spatial in (1, 49, 1024, 4096):
             for channels_last in (False, True):
                 config = launch_config(channels, groups, spatial, channels_last)
-                per_group, per_program = channels // groups, config["channels_per_program"]
-                assert per_program % per_group == 0 and per_program <= config["BLOCK_C"]
-                assert config["ONE_GROUP"] == (per_program == per_group)
-                if not config["ONE_GROUP"]:  # the [BLOCK_C, BLOCK_C] group-sum mask stays small
-                    assert config["BLOCK_C"] <= 64
-                assert config["BLOCK_P"] * config["BLOCK_C"] <= max(TILE_ELEMENTS, config["BLOCK_C"])
-                assert 1 <= config["num_warps"] <= 8
+                per_group, per_program = channels // groups, config.channels_per_program
+                assert per_program % per_group == 0 and per_program <= config.BLOCK_C
+                assert config.ONE_GROUP == (per_program == per_group)
+                if not config.ONE_GROUP:  # the [BLOCK_C, BLOCK_C] group-sum mask stays small
+                    assert config.BLOCK_C <= 64
+                assert config.BLOCK_P * config.BLOCK_C <= max(TILE_ELEMENTS, config.BLOCK_C)
+                assert 1 <= config.num_warps <= 8
 
 
 def test_group_norm_statistics_survive_a_large_mean():

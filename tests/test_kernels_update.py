@@ -73,3 +73,53 @@ def test_update_is_a_registered_custom_op():
     # The CPU interpreter would run the kernel on fake tensors, so the fake-tensor check needs CUDA.
     checks = ("test_schema", "test_faketensor") if DEVICE == "cuda" else ("test_schema",)
     torch.library.opcheck(torch.ops.genie_kernels.taylor_update.default, (xbar, eps, aux, gammas, 2, "genie"), test_utils=checks)
+
+
+class PassThroughMode(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that changes nothing, as make_fx or functionalisation would be active."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_plain_eager_calls_launch_directly_and_everything_else_goes_through_the_op(monkeypatch):
+    import genie_kernels.kernels.update as update
+
+    launchers = []
+    original = update._launch
+    monkeypatch.setattr(update, "_launch", lambda *args: launchers.append(args[-1]) or original(*args))
+    xbar, eps, aux, gammas = make_inputs((2, 3, 4, 4), torch.float32, "genie")
+    expected = torch.ops.genie_kernels.taylor_update(xbar, eps, aux, gammas, 2, "genie")  # through the dispatcher
+
+    def launcher_of_one_call():
+        launchers.clear()
+        result = taylor_update(xbar, eps, gammas, 2, "genie", aux)
+        for got, want in zip(result, expected):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        return launchers[0]
+
+    assert launcher_of_one_call() is update.raw_kernel
+    with torch.device(DEVICE):  # a torch-function mode
+        assert launcher_of_one_call() is torch.library.wrap_triton
+    with PassThroughMode():
+        assert launcher_of_one_call() is torch.library.wrap_triton
+    eps.requires_grad_(True)  # autograd would record the op: it must say it has no backward
+    assert launcher_of_one_call() is torch.library.wrap_triton
+    with torch.no_grad():
+        assert launcher_of_one_call() is update.raw_kernel
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile traces the op with fake tensors, which the interpreter cannot run")
+def test_torch_compile_traces_the_op_in_one_graph():
+    from genie_kernels.kernels.group_norm import group_norm_silu
+
+    xbar, eps, aux, gammas = make_inputs((2, 8, 4, 4), torch.float16, "genie")
+    weight = torch.randn(8, device=DEVICE, dtype=torch.float16)
+
+    def step(xbar, eps, aux):
+        new_xbar, x = taylor_update(xbar, eps, gammas, 2, "genie", aux)
+        return group_norm_silu(x, weight, weight, 4)[0], new_xbar
+
+    compiled = torch.compile(step, fullgraph=True)
+    for got, want in zip(compiled(xbar, eps, aux), step(xbar, eps, aux)):
+        torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)

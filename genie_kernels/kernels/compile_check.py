@@ -141,7 +141,7 @@ def group_norm_variants(arch: int):
         registers, local, widest = _compile(recorded, arch)
         config = launch_config(channels, groups, side * side, is_channels_last(h))
         label = (f"C{channels} G{groups} {side}x{side} {dtype} {'NHWC' if channels_last else 'NCHW'} {fold}, "
-                 f"tile {config['BLOCK_P']}x{config['BLOCK_C']}, {config['num_warps']} warps")
+                 f"tile {config.BLOCK_P}x{config.BLOCK_C}, {config.num_warps} warps")
         yield Variant("group_norm_silu", label, registers, local, widest, aligned=(side * side) % 16 == 0)
 
 

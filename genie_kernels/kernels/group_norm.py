@@ -25,12 +25,15 @@ at once so that each pixel's row of channels is a long contiguous read.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cdiv, launch_directly, next_power_of_2, raw_kernel
 
 def group_norm_silu_reference(
     h: Tensor, weight: Tensor, shift: Tensor, groups: int, eps: float = 1e-5,
@@ -163,32 +166,44 @@ TILE_ELEMENTS = 4096  # elements of one [pixels, channels] tile
 ROW_CHANNELS = 32  # channels-last: at least this many channels per program (64-byte rows in half precision)
 
 
-def launch_config(channels: int, groups: int, spatial: int, channels_last: bool) -> dict:
+class LaunchConfig(NamedTuple):
+    channels_per_program: int
+    BLOCK_P: int
+    BLOCK_C: int
+    ONE_GROUP: bool
+    num_warps: int
+
+    def kernel_options(self) -> dict:
+        return {"BLOCK_P": self.BLOCK_P, "BLOCK_C": self.BLOCK_C, "ONE_GROUP": self.ONE_GROUP,
+                "num_warps": self.num_warps}
+
+
+@functools.lru_cache(maxsize=256)
+def launch_config(channels: int, groups: int, spatial: int, channels_last: bool) -> LaunchConfig:
     """Channels per program, tile shape and warps: one group per program in (B, C, ...) layout,
     where a group is contiguous; in channels-last as many groups as make a row of ``ROW_CHANNELS``."""
     per_group = channels // groups
-    per_program = per_group * (min(groups, -(-ROW_CHANNELS // per_group)) if channels_last else 1)
-    block_c = triton.next_power_of_2(per_program)
-    block_p = max(1, min(triton.next_power_of_2(spatial), TILE_ELEMENTS // block_c))
+    per_program = per_group * (min(groups, cdiv(ROW_CHANNELS, per_group)) if channels_last else 1)
+    block_c = next_power_of_2(per_program)
+    block_p = max(1, min(next_power_of_2(spatial), TILE_ELEMENTS // block_c))
     num_warps = min(max(block_p * block_c // 256, 1), 8)  # 16-32 elements of a tile per thread
-    return {"channels_per_program": per_program, "BLOCK_C": block_c, "BLOCK_P": block_p,
-            "ONE_GROUP": per_program == per_group, "num_warps": num_warps}
+    return LaunchConfig(per_program, block_p, block_c, per_program == per_group, num_warps)
 
 
 def _launch(h, weight, shift, groups, eps, bias, residual, residual_scale, launcher):
     out = torch.empty_like(h)
     y = torch.empty_like(h) if residual is not None else h.new_empty(0)
     batch, channels = h.shape[:2]
-    spatial = h[0, 0].numel()
+    spatial = math.prod(h.shape[2:])
     channels_last = is_channels_last(h)
     config = launch_config(channels, groups, spatial, channels_last)
-    per_program = config.pop("channels_per_program")
-    launcher(_group_norm_silu_kernel)[(batch, triton.cdiv(channels, per_program))](
+    launcher(_group_norm_silu_kernel)[(batch, cdiv(channels, config.channels_per_program))](
         h, weight, shift, h if bias is None else bias, h if residual is None else residual, out,
         out if residual is None else y,  # y is neither stored nor read without a residual
-        channels, spatial, channels // groups, per_program, 0 if bias is None or bias.dim() == 1 else channels,
-        eps, residual_scale,
-        CHANNELS_LAST=channels_last, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, **config,
+        channels, spatial, channels // groups, config.channels_per_program,
+        0 if bias is None or bias.dim() == 1 else channels, eps, residual_scale,
+        CHANNELS_LAST=channels_last, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        **config.kernel_options(),
     )
     return out, y
 
@@ -209,7 +224,8 @@ def group_norm_silu(
 ) -> tuple[Tensor, Tensor | None]:
     """Fused ``SiLU(GroupNorm(y))`` (see the module docstring); returns ``(out, y or None)``.
 
-    Registered as ``torch.ops.genie_kernels.group_norm_silu``.  ``h`` (and ``residual``,
+    Registered as ``torch.ops.genie_kernels.group_norm_silu`` (plain eager calls launch the
+    kernel directly, see :func:`~genie_kernels.kernels.launch_directly`).  ``h`` (and ``residual``,
     in the same layout) must be contiguous or 4-D channels-last, the other tensors
     contiguous, all on one device; statistics are float32 whatever the storage dtype.
     """
@@ -225,7 +241,10 @@ def group_norm_silu(
         raise ValueError("group_norm_silu needs contiguous weight, shift and bias")
     if any(t.device != h.device for t in vectors + ([residual] if residual is not None else [])):
         raise ValueError("group_norm_silu needs all tensors on one device")
-    out, y = _group_norm_silu_op(h, weight, shift, groups, float(eps), bias, residual, float(residual_scale))
+    if launch_directly(h, weight, shift, bias, residual):
+        out, y = _launch(h, weight, shift, groups, float(eps), bias, residual, float(residual_scale), raw_kernel)
+    else:
+        out, y = _group_norm_silu_op(h, weight, shift, groups, float(eps), bias, residual, float(residual_scale))
     return out, (y if residual is not None else None)
 
 

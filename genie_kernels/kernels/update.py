@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..head import combine_mixed
+from . import cdiv, launch_directly, next_power_of_2, raw_kernel
 
 MODES = ("ddim", "genie", "ab2")
 
@@ -110,11 +111,12 @@ if triton is not None:
 
 
 def _launch(xbar: Tensor, eps: Tensor, aux: Tensor | None, gammas: Tensor, step: int, mode: str, launcher):
-    """Allocate the outputs and launch the kernel (``launcher`` wraps it for torch.library)."""
+    """Allocate the outputs and launch the kernel (``launcher`` wraps it for torch.library, or
+    is :func:`raw_kernel` for a direct launch)."""
     new_xbar, new_x = torch.empty_like(xbar), torch.empty_like(eps)
     numel = xbar.numel()
-    block = 1024 if numel >= 1024 else triton.next_power_of_2(max(numel, 16))
-    launcher(_taylor_update_kernel)[(triton.cdiv(numel, block),)](
+    block = 1024 if numel >= 1024 else next_power_of_2(max(numel, 16))
+    launcher(_taylor_update_kernel)[(cdiv(numel, block),)](
         xbar, eps, eps if aux is None else aux, gammas, new_xbar, new_x,
         step, numel, numel // xbar.shape[0],
         MODE=MODES.index(mode), COMPUTE=tl.float64 if xbar.dtype == torch.float64 else tl.float32, BLOCK=block,
@@ -138,7 +140,8 @@ def taylor_update(
 
     ``aux`` is the head output k (3C channels) for ``"genie"`` and ε_{n−1} for ``"ab2"``.
     All tensors must be contiguous and on one device; ``gammas`` is the γ grid (float64
-    recommended).  Registered as the custom op ``torch.ops.genie_kernels.taylor_update``.
+    recommended).  Registered as the custom op ``torch.ops.genie_kernels.taylor_update``;
+    plain eager calls launch the kernel directly (see :func:`~genie_kernels.kernels.launch_directly`).
     """
     if triton is None:
         raise RuntimeError("taylor_update needs triton; use taylor_update_reference")
@@ -148,4 +151,6 @@ def taylor_update(
         raise ValueError("x̄, eps, aux and gammas must be on one device")
     if not all(t.is_contiguous() for t in tensors):
         raise ValueError("taylor_update needs contiguous tensors")
+    if launch_directly(*tensors):
+        return _launch(xbar, eps, aux, gammas, step, mode, raw_kernel)
     return _taylor_update_op(xbar, eps, aux, gammas, step, mode)
