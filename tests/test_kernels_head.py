@@ -173,3 +173,21 @@ def test_triton_backend_rejects_what_it_cannot_run():
     noise = torch.randn(1, 3, 4, 4, dtype=torch.float64)
     with pytest.raises(ValueError, match="backend='triton' runs"):
         gk.sample(mix, noise, 3, solver="genie_exact", backend="triton")
+
+
+def test_group_norm_with_module_parameters_launches_directly_under_no_grad(monkeypatch):
+    """A GroupNorm module's weight and bias are Parameters (which require grad): the sampler's
+    no-grad calls launch directly, calls that autograd would record go through the op."""
+    import genie_kernels.kernels.group_norm as gn
+
+    launchers = []
+    original = gn._launch
+    monkeypatch.setattr(gn, "_launch", lambda *args: launchers.append(args[-1]) or original(*args))
+    norm = torch.nn.GroupNorm(2, 4).to(DEVICE)
+    h = torch.randn(1, 4, 3, 3, device=DEVICE)
+    with torch.no_grad():
+        out, _ = group_norm_silu(h, norm.weight, norm.bias, 2)
+    assert launchers == [gn.raw_kernel]
+    torch.testing.assert_close(out, torch.nn.functional.silu(norm(h)), atol=1e-5, rtol=1e-5)
+    group_norm_silu(h, norm.weight, norm.bias, 2)
+    assert launchers[-1] is torch.library.wrap_triton

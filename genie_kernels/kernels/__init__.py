@@ -33,18 +33,21 @@ def triton_status(device: torch.device | str = "cuda") -> tuple[bool, str]:
     return False, f"triton does not run on {device.type} (set TRITON_INTERPRET=1 to interpret it on the CPU)"
 
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # a Parameter has no torch-function override
+
+
 def launch_directly(*tensors: torch.Tensor | None) -> bool:
     """Whether a Triton op may skip the torch.library dispatcher and launch its kernel directly.
 
     Only in plain eager execution: not while torch.compile traces, not under a dispatch or
     torch-function mode (fake tensors, functionalisation, make_fx, ``with torch.device``),
-    only for plain tensors, and not when autograd would record the op (the op then reports
+    only for plain tensors and parameters, and not when autograd would record the op (the op then reports
     that it has no backward instead of silently returning outputs without gradients).
     """
     if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or torch._C._is_torch_function_mode_enabled():
         return False
     present = [t for t in tensors if t is not None]
-    if any(type(t) is not torch.Tensor for t in present):
+    if any(type(t) not in _PLAIN_TENSOR_TYPES for t in present):
         return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
 
