@@ -160,6 +160,10 @@ def head_forward() -> None:
         row(f"head: {name} speed-up over eager; over compiled",
             f"{ms['eager'] / ms[name]:.2f}x; {ms['compiled'] / ms[name]:.2f}x")
     row("head: kernel launches " + " / ".join(launches), " / ".join(map(str, launches.values())))
+    one = (x[:1], ModelOutput(out.eps[:1], out.features[:1].contiguous(), out.temb[:1]), gamma[:1])
+    with torch.no_grad():  # batch 1: launch-bound, where NHWC's extra conversions may cost more than they save
+        small = {name: bench(lambda: variants[name](*one)) for name in ("eager", "fused NCHW", "fused NHWC")}
+    row("head b1 (ms): " + " / ".join(small), " / ".join(f"{v:.3f}" for v in small.values()))
 
 
 def host_costs() -> None:

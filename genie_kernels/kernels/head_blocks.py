@@ -15,9 +15,11 @@ Each convolution's bias is added inside the launch that reads its output (the st
 first value ``conv_in(·)`` carries ``conv_in``'s bias into the first block's launches), so
 no launch only adds a bias.
 
-On CUDA the head runs channels-last (NHWC): cuDNN's half-precision convolutions work in
-that layout, and a (B, C, H, W)-contiguous input would be transposed before and after
-every convolution.  The returned k is contiguous.
+On CUDA, from batch :data:`CHANNELS_LAST_MIN_BATCH` on, the head runs channels-last (NHWC):
+cuDNN's half-precision convolutions work in that layout, and a (B, C, H, W)-contiguous
+input is transposed before and after every convolution.  Below it the step is bound by
+kernel launches, and NHWC would add a few (the input's and weights' conversions).  The
+returned k is contiguous.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from torch import Tensor
 from ..head import ConvHead
 from ..models import ModelOutput
 from .group_norm import RESIDUAL_SCALE, group_norm_silu
+
+CHANNELS_LAST_MIN_BATCH = 16  # a guess between launch-bound batch 1 and bandwidth-bound 256; gpu_check times both
 
 
 def _conv_without_bias(conv: torch.nn.Conv2d, a: Tensor) -> Tensor:
@@ -49,13 +53,14 @@ def fused_head_k(head: ConvHead, x: Tensor, out: ModelOutput, gamma: Tensor,
                  channels_last: bool | None = None) -> Tensor:
     """The head's raw output ``k = (k1, k2, k3)`` (3C channels, contiguous), with fused GroupNorm blocks.
 
-    ``channels_last``: run the convolutions and launches in NHWC (default: on CUDA).
+    ``channels_last``: run the convolutions and launches in NHWC (default: on CUDA from
+    batch :data:`CHANNELS_LAST_MIN_BATCH` on).
     """
     if not isinstance(head, ConvHead):
         raise TypeError(f"the fused head path needs a ConvHead, got {type(head).__name__}")
     head.check_inputs(x, out)
     if channels_last is None:
-        channels_last = x.is_cuda
+        channels_last = x.is_cuda and x.shape[0] >= CHANNELS_LAST_MIN_BATCH
     dtype = head.dtype
     inputs = [x.to(dtype), out.eps.to(dtype)] + ([out.features.to(dtype)] if head.feature_channels else [])
     inputs = torch.cat(inputs, dim=1)
