@@ -57,8 +57,9 @@ def available() -> tuple[bool, str]:
     in a process without ``TRITON_INTERPRET=1``)."""
     try:
         tools = _tools()
+        from triton._C.libtriton import native_specialize_impl  # noqa: F401  (the JIT's own specialisation)
     except ImportError as err:
-        return False, f"triton's NVIDIA backend is not installed ({err})"
+        return False, f"this triton lacks what the check uses ({err})"
     missing = [tool for tool in ("ptxas", "cuobjdump") if not (tools / tool).exists()]
     if missing:
         return False, f"triton's wheel lacks {', '.join(missing)} in {tools}"
