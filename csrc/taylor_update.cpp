@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -116,12 +117,33 @@ namespace {
 // Elements per parallel_for task, as at::internal::GRAIN_SIZE (ATen/TensorIterator.h).
 constexpr int64_t kGrainSize = 32768;
 
+#if defined(__GNUC__) || defined(__clang__)
+#define GENIE_RESTRICT __restrict__
+#define GENIE_ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define GENIE_RESTRICT __restrict
+#define GENIE_ALWAYS_INLINE __forceinline
+#else
+#define GENIE_RESTRICT
+#define GENIE_ALWAYS_INLINE inline
+#endif
+
+// x86 with GCC or Clang: the loop is also compiled for AVX2 (8 floats a vector) and picked at
+// run time where the CPU has it; the genie mode's two divisions an element make it about twice
+// as fast there.  No FMA either way (-ffp-contract=off), so both equal the reference.
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+#define GENIE_CPP_AVX2_CLONE 1
+#endif
+
 // Elements [begin, end) of the flat tensors.  For genie, k1, k2, k3 of element i in sample
 // s sit at i + 2sP, i + 2sP + P and i + 2sP + 2P (P = per_sample), so the range is walked
-// one sample at a time; the other modes take it in one stretch.
+// one sample at a time; the other modes take it in one stretch.  The outputs are fresh
+// tensors, so they alias no input (GENIE_RESTRICT).
 template <typename xbar_t, typename eps_t, int MODE, typename T = compute_t<xbar_t>>
-void update_range(const StepConstants<T>& c, const xbar_t* xbar, const eps_t* eps, const eps_t* aux,
-                  xbar_t* new_xbar, eps_t* new_x, int64_t per_sample, int64_t begin, int64_t end) {
+GENIE_ALWAYS_INLINE void update_range(const StepConstants<T>& c, const xbar_t* GENIE_RESTRICT xbar,
+                                      const eps_t* GENIE_RESTRICT eps, const eps_t* GENIE_RESTRICT aux,
+                                      xbar_t* GENIE_RESTRICT new_xbar, eps_t* GENIE_RESTRICT new_x,
+                                      int64_t per_sample, int64_t begin, int64_t end) {
   for (int64_t i = begin; i < end;) {
     const int64_t sample = MODE == kGenie ? i / per_sample : 0;
     const int64_t stop = MODE == kGenie ? std::min(end, (sample + 1) * per_sample) : end;
@@ -141,6 +163,27 @@ void update_range(const StepConstants<T>& c, const xbar_t* xbar, const eps_t* ep
     }
   }
 }
+
+template <typename xbar_t, typename eps_t, int MODE, typename T = compute_t<xbar_t>>
+void update_range_baseline(const StepConstants<T>& c, const xbar_t* xbar, const eps_t* eps, const eps_t* aux,
+                           xbar_t* new_xbar, eps_t* new_x, int64_t per_sample, int64_t begin, int64_t end) {
+  update_range<xbar_t, eps_t, MODE>(c, xbar, eps, aux, new_xbar, new_x, per_sample, begin, end);
+}
+
+#ifdef GENIE_CPP_AVX2_CLONE
+template <typename xbar_t, typename eps_t, int MODE, typename T = compute_t<xbar_t>>
+__attribute__((target("avx2"))) void update_range_avx2(const StepConstants<T>& c, const xbar_t* xbar,
+                                                       const eps_t* eps, const eps_t* aux, xbar_t* new_xbar,
+                                                       eps_t* new_x, int64_t per_sample, int64_t begin, int64_t end) {
+  update_range<xbar_t, eps_t, MODE>(c, xbar, eps, aux, new_xbar, new_x, per_sample, begin, end);
+}
+
+// GENIE_KERNELS_NO_AVX2=1 takes the baseline loop (the tests run both).
+bool use_avx2() {
+  static const bool use = __builtin_cpu_supports("avx2") && std::getenv("GENIE_KERNELS_NO_AVX2") == nullptr;
+  return use;
+}
+#endif
 
 std::tuple<at::Tensor, at::Tensor> taylor_update_cpu(const at::Tensor& xbar, const at::Tensor& eps,
                                                      const c10::optional<at::Tensor>& aux, const at::Tensor& gammas,
@@ -165,7 +208,13 @@ std::tuple<at::Tensor, at::Tensor> taylor_update_cpu(const at::Tensor& xbar, con
     xbar_t* new_xbar_p = new_xbar.data_ptr<xbar_t>();
     eps_t* new_x_p = new_x.data_ptr<eps_t>();
     at::parallel_for(0, numel, kGrainSize, [&](int64_t begin, int64_t end) {
-      update_range<xbar_t, eps_t, MODE>(c, xbar_p, eps_p, aux_p, new_xbar_p, new_x_p, per_sample, begin, end);
+#ifdef GENIE_CPP_AVX2_CLONE
+      if (use_avx2()) {
+        update_range_avx2<xbar_t, eps_t, MODE>(c, xbar_p, eps_p, aux_p, new_xbar_p, new_x_p, per_sample, begin, end);
+        return;
+      }
+#endif
+      update_range_baseline<xbar_t, eps_t, MODE>(c, xbar_p, eps_p, aux_p, new_xbar_p, new_x_p, per_sample, begin, end);
     });
   });
   return {new_xbar, new_x};

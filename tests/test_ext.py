@@ -86,6 +86,44 @@ def test_cpu_op_matches_reference(shape, mode, dtypes, step):
     assert got[0].dtype == xbar.dtype and got[1].dtype == eps.dtype
 
 
+BITWISE_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from genie_kernels import ext
+from genie_kernels.kernels.update import taylor_update_reference
+from test_ext import DTYPES, MODES, make_inputs, run_op
+ext.load()
+differ = []
+for mode in MODES:
+    for dtypes in DTYPES:
+        xbar, eps, aux, gammas = make_inputs((3, 5, 71, 67), *dtypes, mode, seed=4)
+        got, want = run_op(xbar, eps, aux, gammas, 2, mode), taylor_update_reference(xbar, eps, gammas, 2, mode, aux)
+        if not all(torch.equal(g, w) for g, w in zip(got, want)):
+            differ.append((mode, str(dtypes)))
+print("differ:", differ)
+"""
+
+
+@pytest.mark.parametrize("loop", ["AVX2 where the CPU has it", "baseline"])
+def test_cpu_loops_equal_the_reference_bit_for_bit(loop):
+    """The CPU op evaluates the reference's formula operation for operation without FMA, in both
+    of its compiled loops (AVX2 where the CPU has it, and the baseline one that
+    GENIE_KERNELS_NO_AVX2=1 selects), so its results are the reference's, bit for bit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    env.pop("GENIE_KERNELS_NO_AVX2", None)
+    if loop == "baseline":
+        env["GENIE_KERNELS_NO_AVX2"] = "1"
+    script = BITWISE_SCRIPT.format(tests=str(Path(__file__).parent))
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "differ: []" in run.stdout, run.stdout
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_cpu_op_takes_a_float32_gamma_grid_and_an_empty_batch(mode):
     xbar, eps, aux, gammas = make_inputs((2, 3, 9, 5), torch.float32, torch.float16, mode, gammas_dtype=torch.float32)
