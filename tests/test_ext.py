@@ -281,6 +281,8 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not installed")
+    if torch.version.cuda:
+        pytest.skip("a CUDA build of torch compiles the .cu for real when it builds the extension")
     stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
