@@ -41,8 +41,8 @@ def launch_directly(*tensors: torch.Tensor | None) -> bool:
 
     Only in plain eager execution: not while torch.compile traces, not under a dispatch or
     torch-function mode (fake tensors, functionalisation, make_fx, ``with torch.device``),
-    only for plain tensors and parameters, and not when autograd would record the op (the op then reports
-    that it has no backward instead of silently returning outputs without gradients).
+    only for plain tensors and parameters, and not when autograd would record the op (the
+    op then reports that it has no backward, rather than outputs silently without gradients).
     """
     if torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or torch._C._is_torch_function_mode_enabled():
         return False
