@@ -3,6 +3,10 @@
     python bench/gpu_check.py                  # about 3-5 minutes on an H100
     python bench/gpu_check.py --out results/   # also keep the table and profiler tables
 
+On a lent machine without diffusers, carry its wheels (an untracked ``.whl/`` folder) and run
+``pip install -q --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site python
+bench/gpu_check.py --out $OUT/gpu``.
+
 1. The GPU tests of the Triton kernels (tests/test_kernels_*.py) against their
    PyTorch references.
 2. Device-to-device copy bandwidth (bytes read + written), the yardstick of (3).
