@@ -63,9 +63,12 @@ def fused_head_k(head: ConvHead, x: Tensor, out: ModelOutput, gamma: Tensor,
         channels_last = x.is_cuda and x.shape[0] >= CHANNELS_LAST_MIN_BATCH
     dtype = head.dtype
     parts = [x.to(dtype), out.eps.to(dtype)] + ([out.features.to(dtype)] if head.feature_channels else [])
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    shape = (x.shape[0], sum(p.shape[1] for p in parts), *x.shape[2:])
-    inputs = torch.cat(parts, dim=1, out=torch.empty(shape, dtype=dtype, device=x.device, memory_format=layout))
+    if channels_last:  # concatenated straight into NHWC: one pass, not cat + copy
+        shape = (x.shape[0], sum(p.shape[1] for p in parts), *x.shape[2:])
+        nhwc = torch.empty(shape, dtype=dtype, device=x.device, memory_format=torch.channels_last)
+        inputs = torch.cat(parts, dim=1, out=nhwc)
+    else:
+        inputs = torch.cat(parts, dim=1)
     temb_act = F.silu(head._time_embedding(out, gamma))
     # The residual stream is stream + stream_bias; pending is the last conv2's output and bias.
     stream, stream_bias = _conv_without_bias(head.conv_in, inputs), head.conv_in.bias
