@@ -191,3 +191,10 @@ def test_group_norm_with_module_parameters_launches_directly_under_no_grad(monke
     torch.testing.assert_close(out, torch.nn.functional.silu(norm(h)), atol=1e-5, rtol=1e-5)
     group_norm_silu(h, norm.weight, norm.bias, 2)
     assert launchers[-1] is torch.library.wrap_triton
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 3), (2, 4, 0, 3)])
+def test_group_norm_silu_of_an_empty_tensor_is_empty(shape):
+    h, w = torch.zeros(shape, device=DEVICE), torch.ones(4, device=DEVICE)
+    out, y = group_norm_silu(h, w, w, 2, residual=h)
+    assert out.shape == y.shape == shape

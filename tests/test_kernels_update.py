@@ -123,3 +123,10 @@ def test_torch_compile_traces_the_op_in_one_graph():
     compiled = torch.compile(step, fullgraph=True)
     for got, want in zip(compiled(xbar, eps, aux), step(xbar, eps, aux)):
         torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("mode", ["ddim", "genie", "ab2"])
+def test_an_empty_batch_gives_empty_outputs(mode):
+    xbar, eps, aux, gammas = make_inputs((0, 3, 4, 4), torch.float32, mode)
+    new_xbar, new_x = taylor_update(xbar, eps, gammas, 2, mode, aux)
+    assert new_xbar.shape == new_x.shape == (0, 3, 4, 4)

@@ -193,8 +193,10 @@ def launch_config(channels: int, groups: int, spatial: int, channels_last: bool)
 def _launch(h, weight, shift, groups, eps, bias, residual, residual_scale, launcher):
     out = torch.empty_like(h)
     y = torch.empty_like(h) if residual is not None else h.new_empty(0)
-    batch, channels = h.shape[:2]
-    spatial = math.prod(h.shape[2:])
+    batch, channels = int(h.shape[0]), int(h.shape[1])  # int(): concrete sizes under dynamic shapes
+    spatial = int(math.prod(h.shape[2:]))
+    if batch * channels * spatial == 0:
+        return out, y
     channels_last = is_channels_last(h)
     config = launch_config(channels, groups, spatial, channels_last)
     launcher(_group_norm_silu_kernel)[(batch, cdiv(channels, config.channels_per_program))](

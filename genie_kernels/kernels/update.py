@@ -114,11 +114,13 @@ def _launch(xbar: Tensor, eps: Tensor, aux: Tensor | None, gammas: Tensor, step:
     """Allocate the outputs and launch the kernel (``launcher`` wraps it for torch.library, or
     is :func:`raw_kernel` for a direct launch)."""
     new_xbar, new_x = torch.empty_like(xbar), torch.empty_like(eps)
-    numel = xbar.numel()
+    numel = int(xbar.numel())  # int(): a concrete size under torch.compile's dynamic shapes
+    if numel == 0:
+        return new_xbar, new_x
     block = 1024 if numel >= 1024 else next_power_of_2(max(numel, 16))
     launcher(_taylor_update_kernel)[(cdiv(numel, block),)](
         xbar, eps, eps if aux is None else aux, gammas, new_xbar, new_x,
-        step, numel, numel // xbar.shape[0],
+        step, numel, numel // int(xbar.shape[0]),
         MODE=MODES.index(mode), COMPUTE=tl.float64 if xbar.dtype == torch.float64 else tl.float32, BLOCK=block,
     )
     return new_xbar, new_x
