@@ -131,10 +131,10 @@ def sample(
             out = solvers.SolverOutput(*graph_solve(solver, model, noise, steps, schedule, head, t_end=t_end,
                                                     striding=striding, afs=afs, denoise=denoise))
         elif chosen in ("triton", "cpp"):
-            from .kernels.sampler import cpp_solve, triton_solve
+            from .kernels.sampler import fused_solve
 
-            solve = triton_solve if chosen == "triton" else cpp_solve
-            out = solve(solver, model, noise, ts, schedule, head, afs=afs, denoise=denoise, callback=callback)
+            out = fused_solve(chosen, solver, model, noise, ts, schedule, head, afs=afs, denoise=denoise,
+                              callback=callback)
         else:
             out = solvers.SOLVERS[solver](model, noise, ts, schedule, **extra, afs=afs, denoise=denoise, callback=callback)
     return (out.sample, out.nfe) if return_nfe else out.sample

@@ -92,27 +92,24 @@ def fused_loop(
     return SolverOutput(x, nfe)
 
 
-def triton_solve(
-    solver: str, model, noise: Tensor, ts: Tensor, schedule: VPSchedule, head=None,
-    *, afs: bool = False, denoise: bool = False, callback: Callback = None,
-) -> SolverOutput:
-    """``backend="triton"``: the Triton update and the Triton-fused head."""
-    from .head_blocks import fused_head_k
-    from .update import taylor_update
+def _update_and_head(backend: str) -> tuple[Update, HeadK]:
+    if backend == "triton":
+        from .head_blocks import fused_head_k
+        from .update import taylor_update
 
-    check_fused_solver(solver, head, "triton")
-    return fused_loop(solver, as_model(model), noise, device_grid(ts, schedule, noise), head,
-                      update=taylor_update, head_k=fused_head_k, afs=afs, denoise=denoise, ts=ts, callback=callback)
-
-
-def cpp_solve(
-    solver: str, model, noise: Tensor, ts: Tensor, schedule: VPSchedule, head=None,
-    *, afs: bool = False, denoise: bool = False, callback: Callback = None,
-) -> SolverOutput:
-    """``backend="cpp"``: the C++ update op (CPU or CUDA) and the eager head."""
+        return taylor_update, fused_head_k
     from ..ext import taylor_update_cpp
 
-    check_fused_solver(solver, head, "cpp")
+    return taylor_update_cpp, eager_head_k
+
+
+def fused_solve(
+    backend: str, solver: str, model, noise: Tensor, ts: Tensor, schedule: VPSchedule, head=None,
+    *, afs: bool = False, denoise: bool = False, callback: Callback = None,
+) -> SolverOutput:
+    """``backend="triton"`` (the Triton update and the Triton-fused head) or ``"cpp"`` (the
+    C++ update op, CPU or CUDA, and the eager head)."""
+    check_fused_solver(solver, head, backend)
+    update, head_k = _update_and_head(backend)
     return fused_loop(solver, as_model(model), noise, device_grid(ts, schedule, noise), head,
-                      update=taylor_update_cpp, head_k=eager_head_k, afs=afs, denoise=denoise, ts=ts,
-                      callback=callback)
+                      update=update, head_k=head_k, afs=afs, denoise=denoise, ts=ts, callback=callback)
