@@ -121,7 +121,7 @@ def _compile(recorded: _Recorder, arch: int) -> tuple[int, int, int]:
 def group_norm_variants(arch: int):
     import torch
 
-    from .group_norm import _launch, is_channels_last, launch_config
+    from .group_norm import _launch
 
     cases = [(shape, dtype, channels_last, fold) for shape in HEAD_SHAPES for channels_last in (False, True)
              for fold in ("bias", "bias+residual") for dtype in ("float16",)]
@@ -140,9 +140,9 @@ def group_norm_variants(arch: int):
         recorded = _Recorder()
         _launch(h, vector, vector, groups, 1e-5, bias, residual, 0.5, recorded)
         registers, local, widest = _compile(recorded, arch)
-        config = launch_config(channels, groups, side * side, is_channels_last(h))
+        launched = recorded.kwargs
         label = (f"C{channels} G{groups} {side}x{side} {dtype} {'NHWC' if channels_last else 'NCHW'} {fold}, "
-                 f"tile {config.BLOCK_P}x{config.BLOCK_C}, {config.num_warps} warps")
+                 f"tile {launched['BLOCK_P']}x{launched['BLOCK_C']}, {launched['num_warps']} warps")
         yield Variant("group_norm_silu", label, registers, local, widest, aligned=(side * side) % 16 == 0)
 
 
