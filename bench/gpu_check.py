@@ -129,19 +129,12 @@ def count_launches(fn) -> int:
 
 
 def head_forward() -> None:
-    from genie_kernels.head import ConvHead
+    from cases import head_case
+
     from genie_kernels.kernels.head_blocks import fused_head_k
     from genie_kernels.models import ModelOutput
 
-    head = ConvHead(3, feature_channels=128, temb_channels=512, nf=128, num_blocks=1, groups=32)
-    for p in head.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    head = head.cuda().half().eval()
-    b = 256
-    x, eps = (torch.randn(b, 3, 32, 32, device="cuda", dtype=torch.float16) for _ in range(2))
-    out = ModelOutput(eps, torch.randn(b, 128, 32, 32, device="cuda", dtype=torch.float16),
-                      torch.randn(b, 512, device="cuda", dtype=torch.float16))
-    gamma = torch.full((b,), 0.7, device="cuda")
+    head, x, out, gamma = head_case(256)
     compiled = torch.compile(head.predict_k)
     nhwc_head = copy.deepcopy(head).to(memory_format=torch.channels_last)  # weights stored channels-last
     variants = {
@@ -230,16 +223,11 @@ def profile_call(label: str, fn, out_dir: Path | None) -> None:
 
 
 def sampler() -> None:
-    import genie_kernels as gk
-    from genie_kernels.head import ConvHead
-    from genie_kernels.unet import UNet
+    from cases import unet_and_head
 
-    model = UNet(image_size=32, in_channels=3, channels=64, channel_mults=(1, 2, 2), attn_resolutions=(8,))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    model = model.cuda().half().eval()
-    head = ConvHead(3, feature_channels=model.feature_channels, temb_channels=model.temb_dim, nf=64, groups=8)
-    head = head.cuda().half().eval()
+    import genie_kernels as gk
+
+    model, head = unet_and_head()
     for batch in (1, 256):
         noise = torch.randn(batch, 3, 32, 32, device="cuda", dtype=torch.float16)
         for solver, extra in (("ddim", {}), ("genie", {"head": head})):

@@ -16,12 +16,12 @@ if not torch.cuda.is_available():
     pytest.skip("the kernel benchmarks need a CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
+from cases import head_case, unet_and_head  # noqa: E402
+
 import genie_kernels as gk  # noqa: E402
-from genie_kernels.head import ConvHead  # noqa: E402
 from genie_kernels.kernels.group_norm import group_norm_silu, group_norm_silu_reference  # noqa: E402
 from genie_kernels.kernels.head_blocks import fused_head_k  # noqa: E402
 from genie_kernels.kernels.update import taylor_update, taylor_update_reference  # noqa: E402
-from genie_kernels.models import ModelOutput  # noqa: E402
 
 
 def timed(benchmark, fn):
@@ -68,14 +68,7 @@ def test_group_norm_silu(benchmark, norm_args, way):
 
 @pytest.fixture(scope="module")
 def head_args():
-    head = ConvHead(3, feature_channels=128, temb_channels=512, nf=128, num_blocks=1, groups=32)
-    for p in head.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    head = head.cuda().half().eval()
-    x, eps = (torch.randn(256, 3, 32, 32, device="cuda", dtype=torch.float16) for _ in range(2))
-    out = ModelOutput(eps, torch.randn(256, 128, 32, 32, device="cuda", dtype=torch.float16),
-                      torch.randn(256, 512, device="cuda", dtype=torch.float16))
-    return head, x, out, torch.full((256,), 0.7, device="cuda")
+    return head_case(256)
 
 
 @pytest.mark.parametrize("way", ["fused NHWC", "fused NCHW", "eager", "compiled"])
@@ -94,12 +87,7 @@ def test_head(benchmark, head_args, way):
 
 @pytest.fixture(scope="module")
 def sampler_model():
-    model = gk.UNet(image_size=32, in_channels=3, channels=64, channel_mults=(1, 2, 2), attn_resolutions=(8,))
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
-    model = model.cuda().half().eval()
-    head = ConvHead(3, feature_channels=model.feature_channels, temb_channels=model.temb_dim, nf=64, groups=8)
-    return model, head.cuda().half().eval()
+    return unet_and_head()
 
 
 @pytest.mark.parametrize("batch", [1, 256])
