@@ -42,6 +42,7 @@ CPP_SOURCE = CSRC / "taylor_update.cpp"
 CUDA_SOURCE = CSRC / "taylor_update_cuda.cu"
 
 JIT_NAME = "genie_kernels_cpp"
+NO_JIT = "no prebuilt genie_kernels._C and JIT builds are off (GENIE_KERNELS_NO_JIT)"
 # No fast math anywhere, and no FMA contraction: the kernels must match
 # taylor_update_reference operation for operation.
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
@@ -138,7 +139,7 @@ def load(build: bool = True):
             if not build:
                 raise ExtensionUnavailable("no prebuilt genie_kernels._C and load(build=False) was asked")
             if os.environ.get("GENIE_KERNELS_NO_JIT"):
-                raise ExtensionUnavailable("no prebuilt genie_kernels._C and JIT builds are off (GENIE_KERNELS_NO_JIT)")
+                raise ExtensionUnavailable(NO_JIT)
             available, reason = _jit_prerequisites()
             if not available:
                 _build_failure.append(reason)
@@ -179,7 +180,7 @@ def status() -> tuple[bool, str]:
     if importlib.util.find_spec("genie_kernels._C") is not None:
         return True, "prebuilt"
     if os.environ.get("GENIE_KERNELS_NO_JIT"):
-        return False, "no prebuilt genie_kernels._C and JIT builds are off (GENIE_KERNELS_NO_JIT)"
+        return False, NO_JIT
     return _jit_prerequisites()
 
 
