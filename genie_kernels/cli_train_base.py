@@ -24,9 +24,10 @@ from .checkpoint import CheckpointError
 from .cli import int_at_least
 from .mnist import MNISTError, load_mnist
 from .train_base import CHECKPOINT_NAME, TrainConfig, TrainingError, export_pretrained, train_base
-from .unet import PRETRAINED_DIR
+from .unet import PRETRAINED_DIR, TIME_INPUTS
 
 DEFAULTS = TrainConfig()
+TIME_SCALES = {"log_gamma": 2.0, "t": 1000.0}  # log_gamma: see genie_kernels.unet's docstring
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -56,6 +57,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels", type=int, default=32, help="UNet base width (default 32)")
     p.add_argument("--channel-mults", type=_ints, default=(1, 2, 2), help="width multipliers per level (default 1,2,2)")
     p.add_argument("--num-res-blocks", type=int, default=1, help="residual blocks per level (default 1)")
+    p.add_argument("--time-input", choices=TIME_INPUTS, default="log_gamma",
+                   help="what the time embedding sees: log_gamma (log noise-to-signal ratio, smooth in t; "
+                        "default) or t (DDPM's 1000·t, the old bundled model's)")
+    p.add_argument("--time-scale", type=float, default=None,
+                   help="factor on the time input before the sinusoidal embedding (default 2 for log_gamma, "
+                        "1000 for t)")
+    p.add_argument("--num-classes", type=int_at_least(0), default=10,
+                   help="train class-conditional on the digit labels (default 10; 0: unconditional)")
+    p.add_argument("--label-dropout", type=float, default=0.1,
+                   help="probability of replacing a label by the null label (default 0.1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--export", action="store_true", help="export OUT's checkpoint as the shipped model instead of training")
     p.add_argument("--export-to", default=str(PRETRAINED_DIR / "mnist"), help="export folder (default: the package's pretrained/mnist)")
@@ -76,19 +87,23 @@ def run(args) -> int:
             return 2
         if args.threads:
             torch.set_num_threads(args.threads)
-        images, _ = load_mnist(args.data, split="train", pad=args.pad)
+        images, labels = load_mnist(args.data, split="train", pad=args.pad)
         size = images.shape[-1]
         levels = len(args.channel_mults)
+        time_scale = args.time_scale if args.time_scale is not None else TIME_SCALES[args.time_input]
         unet_config = {"image_size": size, "in_channels": 1, "channels": args.channels,
                        "channel_mults": list(args.channel_mults), "num_res_blocks": args.num_res_blocks,
-                       "attn_resolutions": [size // 2 ** (levels - 1)], "norm_groups": 8, "time_scale": 1000.0}
+                       "attn_resolutions": [size // 2 ** (levels - 1)], "norm_groups": 8, "time_scale": time_scale,
+                       "time_input": args.time_input, "num_classes": args.num_classes}
         config = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
-                             grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed)
-        data_info = {"description": "MNIST test set (t10k idx files)", "source": str(Path(args.data).resolve()),
+                             grad_clip=args.grad_clip, ema_decay=args.ema_decay, seed=args.seed,
+                             label_dropout=args.label_dropout if args.num_classes else 0.0)
+        # the folder as given (relative paths stay relative: provenance names no machine's paths)
+        data_info = {"description": "MNIST test set (t10k idx files)", "source": str(args.data),
                      "split": "train", "count": int(images.shape[0]), "pad": args.pad}
         result = train_base(images, args.out, unet_config, config, resume=args.resume, ckpt_every=args.ckpt_every,
                             sample_every=args.sample_every, data_info=data_info, command=command,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, labels=labels if args.num_classes else None)
     except (CheckpointError, MNISTError, TrainingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -1,9 +1,14 @@
 """Training of the base ε-network (the UNet) and export of the shipped weights.
 
-Objective (DDPM's "simple" loss in continuous time): with the linear VP schedule,
+Objective (DDPM's "simple" loss in continuous time): with the model's VP schedule,
 
     t ~ U[t_min, 1],  z ~ N(0, I),  x_t = α_t x_0 + σ_t z,
-    L(θ) = mean over batch and pixels of (ε_θ(x_t, t) − z)².
+    L(θ) = mean over batch and pixels of (ε_θ(x_t, t, y) − z)².
+
+A class-conditional model (``num_classes > 0``) is trained on the digit labels ``y``,
+each replaced by the null label with probability ``label_dropout`` (0.1 for the bundled
+model), so that one network learns both ε(x, t, y) and the unconditional ε(x, t) that
+classifier-free guidance mixes.
 
 Optimiser: Adam, learning rate warmed up linearly over ``warmup`` steps then constant,
 gradient norm clipped to ``grad_clip``.  An exponential moving average of the weights
@@ -40,7 +45,7 @@ from .checkpoint import (CheckpointError, load_checkpoint, load_module_tensors, 
 from .checks import check_int
 from .plotting import image_grid
 from .sampling import sample
-from .schedules import LinearVPSchedule, schedule_from_config
+from .schedules import schedule_from_config
 from .unet import PRETRAINED_DIR, UNET_KIND, UNet
 
 TRAIN_KIND = "genie_kernels.train_base"
@@ -67,6 +72,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     t_min: float = 1e-3
     seed: int = 0
+    label_dropout: float = 0.0
 
     def __post_init__(self):
         for name in ("steps", "batch"):
@@ -76,6 +82,8 @@ class TrainConfig:
             raise ValueError("lr and grad_clip must be > 0 and warmup >= 0")
         if not 0.0 <= self.ema_decay < 1.0 or not 0.0 < self.t_min < 1.0:
             raise ValueError("ema_decay must lie in [0, 1) and t_min in (0, 1)")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout}")
 
     def matching_part(self) -> dict:
         """Everything but ``steps``: what a resumed run must share with its checkpoint."""
@@ -89,10 +97,14 @@ class TrainResult(NamedTuple):
     step: int
 
 
-def data_fingerprint(images: Tensor) -> str:
-    """SHA-256 of the training images (shape, dtype and bytes), to refuse resuming on other data."""
+def data_fingerprint(images: Tensor, labels: Tensor | None = None) -> str:
+    """SHA-256 of the training images (shape, dtype and bytes) and of the labels when given,
+    to refuse resuming on other data."""
     h = hashlib.sha256(f"{tuple(images.shape)}{images.dtype}".encode())
     h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    if labels is not None:
+        h.update(b"labels")
+        h.update(labels.detach().cpu().to(torch.int64).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -105,14 +117,20 @@ def ema_decay(config: TrainConfig, step: int) -> float:
     return min(config.ema_decay, (1.0 + step) / (10.0 + step))
 
 
-def diffusion_loss(model: UNet, x0: Tensor, schedule, t_min: float, generator: torch.Generator) -> Tensor:
-    """ε-MSE at ``t ~ U[t_min, 1]``: ``mean((ε_θ(α_t x_0 + σ_t z, t) − z)²)``."""
+def diffusion_loss(model: UNet, x0: Tensor, schedule, t_min: float, generator: torch.Generator,
+                   labels: Tensor | None = None, label_dropout: float = 0.0) -> Tensor:
+    """ε-MSE at ``t ~ U[t_min, 1]``: ``mean((ε_θ(α_t x_0 + σ_t z, t, y) − z)²)``, each label
+    ``y`` replaced by the model's null label with probability ``label_dropout``."""
     b = x0.shape[0]
     t = t_min + (1.0 - t_min) * torch.rand(b, generator=generator, dtype=torch.float64)
     z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
     alpha = schedule.alpha(t).to(x0.dtype).view(b, 1, 1, 1)
     sigma = schedule.sigma(t).to(x0.dtype).view(b, 1, 1, 1)
-    return (model(alpha * x0 + sigma * z, t.to(x0.dtype)) - z).square().mean()
+    if labels is None:
+        return (model(alpha * x0 + sigma * z, t.to(x0.dtype)) - z).square().mean()
+    dropped = torch.rand(b, generator=generator) < label_dropout
+    labels = torch.where(dropped, torch.full_like(labels, model.null_label), labels)
+    return (model(alpha * x0 + sigma * z, t.to(x0.dtype), labels) - z).square().mean()
 
 
 def _run_state(model: UNet, ema: UNet) -> dict:
@@ -133,8 +151,12 @@ def train_base(
     command: str | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    labels: Tensor | None = None,
 ) -> TrainResult:
     """Train a :class:`UNet` on ``images`` ((N, C, H, W) in [−1, 1]), checkpointing to ``out_dir``.
+
+    A class-conditional ``unet_config`` (``num_classes > 0``) needs ``labels``, one integer
+    in ``[0, num_classes)`` per image; an unconditional one takes none.
 
     ``out_dir/checkpoint.safetensors`` is written every ``ckpt_every`` steps (0: never) and at the end;
     ``out_dir/samples_<step>.png`` (64 digits, DDIM 20 steps, EMA weights, fixed noise)
@@ -149,13 +171,14 @@ def train_base(
         raise ValueError(f"images must be a non-empty float tensor (N, C, H, W), got {tuple(images.shape)} {images.dtype}")
     check_int("ckpt_every", ckpt_every, 0)
     check_int("sample_every", sample_every, 0)
-    schedule = LinearVPSchedule()
-    fingerprint = data_fingerprint(images)
-    match = {"kind": TRAIN_KIND, "unet": UNet.from_config(unet_config).config(), "schedule": schedule.config(),
-             "train": config.matching_part(), "data_sha256": fingerprint}
-
     torch.manual_seed(config.seed)
     model = UNet.from_config(unet_config)
+    check_labels(labels, images.shape[0], model.num_classes)
+    schedule = model.schedule
+    fingerprint = data_fingerprint(images, labels)
+    match = {"kind": TRAIN_KIND, "unet": model.config(), "schedule": schedule.config(),
+             "train": config.matching_part(), "data_sha256": fingerprint}
+
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
@@ -198,7 +221,8 @@ def train_base(
         for group in opt.param_groups:
             group["lr"] = learning_rate(config, step)
         idx = torch.randint(images.shape[0], (config.batch,), generator=generator)
-        loss = diffusion_loss(model, images[idx], schedule, config.t_min, generator)
+        loss = diffusion_loss(model, images[idx], schedule, config.t_min, generator,
+                              None if labels is None else labels[idx], config.label_dropout)
         if not torch.isfinite(loss):
             bar.close()
             raise TrainingError(f"loss is {loss.item()} at step {step + 1}; training stopped, "
@@ -230,6 +254,23 @@ def train_base(
     if start_step == config.steps:
         log(f"{ckpt_path} is already at step {config.steps}; nothing to do")
     return TrainResult(model, ema, losses, len(losses))
+
+
+def check_labels(labels: Tensor | None, count: int, num_classes: int) -> None:
+    """Labels for a class-conditional model: an integer tensor ``(count,)`` in ``[0, num_classes)``;
+    none for an unconditional one."""
+    if not num_classes:
+        if labels is not None:
+            raise ValueError("the UNet config is unconditional (num_classes=0) but labels were given")
+        return
+    if labels is None:
+        raise ValueError(f"the UNet is class-conditional (num_classes={num_classes}): pass labels, one per image")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != (count,):
+        raise ValueError(f"labels must have shape ({count},), one per image, got {tuple(labels.shape)}")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
 
 
 def final_loss(losses: list[float], window: int = FINAL_LOSS_WINDOW) -> float:
@@ -285,9 +326,10 @@ def export_pretrained(checkpoint, out_dir=PRETRAINED_DIR / "mnist", dtype: torch
         f"(split `{data.get('split', '?')}` of `genie_kernels.mnist`, 1,000 held out), "
         f"pad {data.get('pad', '?')}, pixels scaled to [-1, 1]; read from `{data.get('source', '?')}`; "
         f"SHA-256 of the training tensor `{config['data_sha256'][:16]}…`.",
-        f"- **Objective**: ε-MSE, linear VP schedule {json_inline(config['schedule'])}, t ~ U[{train['t_min']}, 1].",
+        f"- **Objective**: ε-MSE, VP schedule {json_inline(config['schedule'])}, t ~ U[{train['t_min']}, 1].",
         f"- **Training**: {config['step']} steps, batch {train['batch']}, Adam lr {train['lr']} "
-        f"(linear warmup {train['warmup']} steps), grad clip {train['grad_clip']}, seed {train['seed']}.",
+        f"(linear warmup {train['warmup']} steps), grad clip {train['grad_clip']}, seed {train['seed']}"
+        f"{labels_note(config['unet'], train)}.",
         f"- **Wall time**: {hours:.2f} h on {config.get('threads', '?')} CPU thread(s), torch {config.get('torch', '?')}, "
         f"Python {config.get('python', '?')}.",
         f"- **Final loss**: {shipped['final_loss']:.4f} (mean of the last {min(len(losses), FINAL_LOSS_WINDOW)} steps).",
@@ -308,6 +350,13 @@ def export_pretrained(checkpoint, out_dir=PRETRAINED_DIR / "mnist", dtype: torch
     ]
     (out_dir / "PROVENANCE.md").write_text("\n".join(lines))
     return path
+
+
+def labels_note(unet_config: dict, train: dict) -> str:
+    if not unet_config.get("num_classes"):
+        return ""
+    return (f", conditioned on the {unet_config['num_classes']} digit labels with label dropout "
+            f"{train.get('label_dropout', 0.0)} (the null label is label {unet_config['num_classes']})")
 
 
 def json_inline(d: dict) -> str:

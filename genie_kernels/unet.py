@@ -2,10 +2,21 @@
 
 Layout (DDPM, Ho et al. 2020, scaled down):
 
-* time embedding: sinusoidal features of ``s = time_scale · t`` (t continuous in (0, 1],
-  ``time_scale`` = 1000 so that ``s`` spans the range of DDPM's discrete timesteps),
-  ``emb_i = (sin(s ω_i), cos(s ω_i))`` with ``ω_i = 10000^(−i/half)``, then
-  Linear → SiLU → Linear to ``4 · channels``: that output is ``temb``;
+* time embedding: sinusoidal features ``emb_i = (sin(c·s ω_i), cos(c·s ω_i))`` with
+  ``ω_i = 10000^(−i/half)`` and ``c = time_scale`` of a time input ``s``, then
+  Linear → SiLU → Linear to ``4 · channels``: that output is ``temb``.  The time input is
+  either ``s = t`` (``time_input="t"``, DDPM's choice with ``c = 1000`` so that ``c·t``
+  spans the discrete timesteps) or the log noise-to-signal ratio ``s = log γ_t`` of the
+  model's schedule (``time_input="log_gamma"``, with a small ``c``: 2 for the bundled
+  model).  The first makes ε oscillate in t with periods down to ``2π / 1000`` unless
+  training suppresses those frequencies, far finer than any sampling step, so a Taylor
+  step's ``∂ε/∂t`` describes a ripple; with the second the fastest feature has period
+  ``π`` in log γ, about three sampling steps of a 10-step grid (``log γ`` spans −4.6 to
+  5.0 for t in [1e-3, 1]);
+* class conditioning (``num_classes > 0``): a learned embedding of the label is added to
+  ``temb``; label ``num_classes`` is the learned *null* label, used when no label is given,
+  so the same network samples unconditionally and (trained with label dropout) with
+  classifier-free guidance;
 * encoder: conv3x3, then per level ``num_res_blocks`` residual blocks at
   ``channels · mult`` channels (self-attention after each where the resolution is in
   ``attn_resolutions``), then a stride-2 conv (not after the last level);
@@ -37,8 +48,11 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, load_checkpoint, load_module_tensors
 from .models import EpsModel, ModelOutput
+from .schedules import LinearVPSchedule, schedule_from_config
 
 UNET_KIND = "genie_kernels.unet"
+TIME_INPUTS = ("t", "log_gamma")
+MAX_CLASSES = 100_000  # a bound on a checkpoint's config, not on real use
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 
 
@@ -126,7 +140,12 @@ class UNet(EpsModel):
         num_res_blocks: residual blocks per level in the encoder (decoder has one more).
         attn_resolutions: resolutions (side lengths) with self-attention after each block.
         norm_groups: GroupNorm groups; every width must be divisible by it.
-        time_scale: the sinusoidal embedding sees ``time_scale · t``.
+        time_scale: the sinusoidal embedding sees ``time_scale · s`` (s the time input).
+        time_input: ``"t"`` (s = t) or ``"log_gamma"`` (s = log γ_t of ``schedule``).
+        num_classes: number of class labels, 0 for an unconditional network.
+        schedule: the ``config()`` of the noise schedule the network is trained with
+            (default: the linear VP schedule); ``model.schedule`` is that schedule, and
+            :func:`~genie_kernels.sample` uses it when given none.
     """
 
     def __init__(
@@ -139,8 +158,18 @@ class UNet(EpsModel):
         attn_resolutions: tuple[int, ...] = (7,),
         norm_groups: int = 8,
         time_scale: float = 1000.0,
+        time_input: str = "t",
+        num_classes: int = 0,
+        schedule: dict | None = None,
     ):
         super().__init__()
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {time_input!r}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= MAX_CLASSES:
+            raise ValueError(f"num_classes must be an int in [0, {MAX_CLASSES}], got {num_classes!r}")
+        if not (isinstance(time_scale, (int, float)) and math.isfinite(time_scale) and time_scale > 0):
+            raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
+        self.schedule = schedule_from_config(schedule) if schedule is not None else LinearVPSchedule()
         levels = len(channel_mults)
         if levels < 1 or image_size % (2 ** (levels - 1)):
             raise ValueError(f"image_size {image_size} must be divisible by 2^(levels-1) = {2 ** (levels - 1)}")
@@ -151,13 +180,17 @@ class UNet(EpsModel):
             "image_size": int(image_size), "in_channels": int(in_channels), "channels": int(channels),
             "channel_mults": [int(m) for m in channel_mults], "num_res_blocks": int(num_res_blocks),
             "attn_resolutions": [int(r) for r in attn_resolutions], "norm_groups": int(norm_groups),
-            "time_scale": float(time_scale),
+            "time_scale": float(time_scale), "time_input": time_input, "num_classes": num_classes,
+            "schedule": self.schedule.config(),
         }
         self.image_size, self.in_channels = image_size, in_channels
-        self.channels, self.time_scale = channels, float(time_scale)
+        self.channels, self.time_scale, self.time_input = channels, float(time_scale), time_input
+        self.num_classes = num_classes
         temb_dim = 4 * channels
         self.temb_dim = temb_dim
         self.temb_mlp = nn.Sequential(nn.Linear(channels, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        # Row num_classes is the null label (no condition).
+        self.class_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
 
         # Encoder: record the width of every activation kept for a skip connection.
@@ -197,8 +230,10 @@ class UNet(EpsModel):
 
     @classmethod
     def from_config(cls, config: dict) -> "UNet":
+        if not isinstance(config, dict):
+            raise ValueError(f"a UNet config must be a dict, got {type(config).__name__}")
         known = {"image_size", "in_channels", "channels", "channel_mults", "num_res_blocks",
-                 "attn_resolutions", "norm_groups", "time_scale"}
+                 "attn_resolutions", "norm_groups", "time_scale", "time_input", "num_classes", "schedule"}
         unknown = set(config) - known
         if unknown:
             raise ValueError(f"unknown UNet config keys {sorted(unknown)}")
@@ -208,11 +243,49 @@ class UNet(EpsModel):
                 cfg[key] = tuple(cfg[key])
         return cls(**cfg)
 
-    def forward_features(self, x: Tensor, t: Tensor) -> ModelOutput:
+    @property
+    def null_label(self) -> int:
+        """The label that means "no condition" (``num_classes``)."""
+        return self.num_classes
+
+    def time_features(self, t: Tensor) -> Tensor:
+        """The time input ``s`` of the embedding: ``t`` or ``log γ_t`` (see the module docstring)."""
+        if self.time_input == "t":
+            return t
+        return 0.5 * torch.log(torch.expm1(-2.0 * self.schedule.log_alpha(t)))  # log γ = ½ log(e^{−2 log α} − 1)
+
+    def labels(self, cond, batch: int, device) -> Tensor:
+        """``cond`` checked and broadcast to one label per sample; None gives the null label."""
+        if cond is None:
+            return torch.full((batch,), self.null_label, dtype=torch.long, device=device)
+        if not self.num_classes:
+            raise ValueError("this UNet is unconditional (num_classes=0); it takes no class labels (cond=None)")
+        if not isinstance(cond, Tensor):
+            cond = torch.as_tensor(cond)
+        if cond.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
+            raise TypeError(f"class labels must be an integer tensor, got dtype {cond.dtype}")
+        if cond.dim() > 1 or (cond.dim() == 1 and cond.shape[0] not in (1, batch)):
+            raise ValueError(f"class labels must have shape ({batch},) or be one label, got {tuple(cond.shape)}")
+        capturing = cond.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and cond.numel() and (int(cond.min()) < 0 or int(cond.max()) > self.null_label):
+            raise ValueError(f"class labels must lie in 0..{self.num_classes - 1} ({self.null_label}: no condition), "
+                             f"got values from {int(cond.min())} to {int(cond.max())}")
+        return cond.to(device=device, dtype=torch.long).reshape(-1).expand(batch)
+
+    def forward(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        return self.forward_features(x, t, cond).eps
+
+    def forward_features(self, x: Tensor, t: Tensor, cond=None) -> ModelOutput:
+        """ε, the last feature map and the time embedding at ``(x, t)``; ``cond`` holds class
+        labels (shape (B,) or one label; None: the null label, i.e. unconditional)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         t = t.to(x.dtype).reshape(-1).expand(x.shape[0])
-        temb = self.temb_mlp(timestep_embedding(t, self.channels, self.time_scale))
+        temb = self.temb_mlp(timestep_embedding(self.time_features(t), self.channels, self.time_scale))
+        if self.class_emb is not None:
+            temb = temb + self.class_emb(self.labels(cond, x.shape[0], x.device)).to(temb.dtype)
+        elif cond is not None:
+            self.labels(cond, x.shape[0], x.device)  # raises: unconditional
 
         h = self.conv_in(x)
         skips = [h]

@@ -60,7 +60,7 @@ def test_checkpoint_contents_and_sample_grid(tmp_path):
     result = run(tmp_path, 4, ckpt_every=2, sample_every=4)
     out = tmp_path / "run"
     tensors, config = load_checkpoint(out / CHECKPOINT_NAME)
-    assert config["kind"] == train_module.TRAIN_KIND and config["step"] == 4 and config["unet"] == TINY_UNET
+    assert config["kind"] == train_module.TRAIN_KIND and config["step"] == 4 and config["unet"] == UNet.from_config(TINY_UNET).config()
     assert json.loads((out / "checkpoint.json").read_text()) == config
     assert tensors["losses"].tolist() == result.losses
     assert {"rng.batches", "adam.0.exp_avg", "adam.0.exp_avg_sq", "adam.0.step"} <= set(tensors)
