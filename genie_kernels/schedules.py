@@ -163,8 +163,10 @@ def time_grid(
 ) -> Tensor:
     """Decreasing float64 times ``t_0 = t_start > t_1 > … > t_steps = t_end``.
 
-    ``"uniform"``: equal steps in t.  ``"quadratic"``: ``t_i = t_end + (t_start − t_end)·(1 − i/N)²``,
-    dense near ``t_end`` as in DDIM / GENIE.  ``"logsnr"``: equal steps in ``λ = −log γ``.
+    ``"uniform"``: equal steps in t.  ``"quadratic"``: equal steps in ``sqrt(t)``,
+    ``t_i = (sqrt(t_start) + (sqrt(t_end) − sqrt(t_start))·i/N)²``, dense near ``t_end``: the
+    grid of GENIE's official code (``linspace(1, sqrt(t_end), N + 1)²``; at N = 10 its
+    second-to-last time is 0.0165).  ``"logsnr"``: equal steps in ``λ = −log γ``.
     """
     check_steps(steps)
     check_t_end(t_end)
@@ -175,7 +177,8 @@ def time_grid(
     if striding == "uniform":
         ts = t_start + (t_end - t_start) * frac
     elif striding == "quadratic":
-        ts = t_end + (t_start - t_end) * (1.0 - frac).square()
+        ts = (math.sqrt(t_start) + (math.sqrt(t_end) - math.sqrt(t_start)) * frac).square()
+        ts[0], ts[-1] = t_start, t_end  # remove round-off at the ends
     elif striding == "logsnr":
         ends = torch.tensor([t_start, t_end], dtype=torch.float64)
         lam = schedule.lambda_(ends)

@@ -86,7 +86,9 @@ def test_time_grid_spacings():
     uniform = time_grid(s, 8, 1e-3, "uniform")
     torch.testing.assert_close(torch.diff(uniform), torch.full((8,), (1e-3 - 1) / 8, dtype=f64))
     quadratic = time_grid(s, 8, 1e-3, "quadratic")
-    torch.testing.assert_close(torch.diff((quadratic - 1e-3).sqrt()), torch.full((8,), -math.sqrt(1 - 1e-3) / 8, dtype=f64))
+    # GENIE's official grid: equal steps in sqrt(t), t = linspace(1, sqrt(t_end), N + 1)²
+    torch.testing.assert_close(torch.diff(quadratic.sqrt()), torch.full((8,), (math.sqrt(1e-3) - 1) / 8, dtype=f64))
+    assert time_grid(s, 10, 1e-3, "quadratic")[-2].item() == pytest.approx(0.01650, abs=1e-5)
     lam = s.lambda_(time_grid(s, 8, 1e-3, "logsnr"))
     torch.testing.assert_close(torch.diff(lam), torch.full((8,), float(lam[-1] - lam[0]) / 8, dtype=f64))
 
@@ -98,7 +100,7 @@ def test_time_grid_from_a_later_start(striding):
     ts = time_grid(s, 6, 1e-3, striding, t_start=0.6)
     assert ts[0].item() == 0.6 and ts[-1].item() == pytest.approx(1e-3, rel=1e-12)
     frac = torch.linspace(0, 1, 7, dtype=f64)
-    expected = {"uniform": 0.6 + (1e-3 - 0.6) * frac, "quadratic": 1e-3 + (0.6 - 1e-3) * (1 - frac) ** 2}
+    expected = {"uniform": 0.6 + (1e-3 - 0.6) * frac, "quadratic": (math.sqrt(0.6) + (math.sqrt(1e-3) - math.sqrt(0.6)) * frac) ** 2}
     if striding in expected:
         torch.testing.assert_close(ts, expected[striding], rtol=1e-14, atol=1e-15)
     else:
