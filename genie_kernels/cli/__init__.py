@@ -14,9 +14,9 @@ from collections.abc import Collection
 from pathlib import Path
 
 COMMANDS = {
-    "sample": "genie_kernels.cli_sample",
-    "distill": "genie_kernels.cli_distill",
-    "train-base": "genie_kernels.cli_train_base",
+    "sample": "genie_kernels.cli.sample",
+    "distill": "genie_kernels.cli.distill",
+    "train-base": "genie_kernels.cli.train_base",
 }
 
 
@@ -96,6 +96,3 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     return modules[args.command].run(args) or 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """Compile the Triton kernels for an NVIDIA GPU without one, and report their register use.
 
-    python -m genie_kernels.kernels.compile_check            # sm_90 (H100), a table
-    python -m genie_kernels.kernels.compile_check --arch 80  # A100
+    python -m genie_kernels.cli.compile_check            # sm_90 (H100), a table
+    python -m genie_kernels.cli.compile_check --arch 80  # A100
 
 Triton compiles ahead of time for any target: source → TTIR → PTX → cubin (with the ptxas
 shipped in the triton wheel), no driver needed.  Every kernel variant the sampler and the
@@ -144,7 +144,7 @@ def _compile(recorded: _Recorder, arch: int) -> tuple[int, int, int, int]:
 def group_norm_variants(arch: int):
     import torch
 
-    from .group_norm import _launch
+    from ..fast.group_norm import _launch
 
     cases = [(shape, dtype, channels_last, fold) for shape in HEAD_SHAPES for channels_last in (False, True)
              for fold in ("bias", "bias+residual") for dtype in ("float16",)]
@@ -177,7 +177,7 @@ def group_norm_variants(arch: int):
 def update_variants(arch: int):
     import torch
 
-    from .update import MODES, _launch
+    from ..fast.update import MODES, _launch
 
     gammas = torch.empty(11, dtype=torch.float64)
     for xbar_dtype, eps_dtype in (("float32", "float16"), ("float32", "bfloat16"), ("float32", "float32"),
@@ -195,7 +195,7 @@ def update_variants(arch: int):
 def channels_last_cat_variants(arch: int):
     import torch
 
-    from .channels_last_cat import _launch
+    from ..fast.channels_last_cat import _launch
 
     # the fused head's NHWC input: CIFAR-10-sized (3 + 3 + 128 → 136) and MNIST-sized (1 + 1 + 32 → 40)
     for channels, side, dtype in (((3, 3, 128), 32, "float16"), ((1, 1, 32), 28, "float32")):
@@ -228,11 +228,11 @@ def _loop_jit_keys(solver: str = "genie", steps: int = 10, afs: bool = True, den
 
     import torch
 
-    from .. import load_pretrained
-    from ..schedules import time_grid
-    from . import channels_last_cat, group_norm, update
-    from .head_blocks import CHANNELS_LAST_MIN_BATCH, fused_head_k
-    from .sampler import device_grid, fused_loop
+    from ..fast import channels_last_cat, group_norm, update
+    from ..fast.head_blocks import CHANNELS_LAST_MIN_BATCH, fused_head_k
+    from ..fast.sampler import device_grid, fused_loop
+    from ..ode.schedules import time_grid
+    from ..zoo.pretrained import load_pretrained
 
     _require_compiler()
     model, head, schedule = load_pretrained("mnist")
@@ -266,8 +266,8 @@ def warmup_covers_loop(steps: int = 10) -> list[str]:
     """The loop settings for which the graph runner's short warm-up (its first
     ``graph.WARMUP_STEPS`` steps) would leave a Triton variant of the whole loop uncompiled,
     so that it would compile during capture; empty when the warm-up covers every setting."""
-    from ..graph import WARMUP_STEPS
-    from .head_blocks import CHANNELS_LAST_MIN_BATCH
+    from ..fast.graph import WARMUP_STEPS
+    from ..fast.head_blocks import CHANNELS_LAST_MIN_BATCH
 
     uncovered = []
     for solver, afs, denoise, batch in (("ddim", False, False, 1), ("ab2", True, False, 1), ("genie", True, False, 1),

@@ -39,12 +39,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
-from .cli import device_from_option, int_at_least, output_file
-from .distill import LR_SCHEDULES, check_new_output, data_sampler, distill, format_validation, probe_model
-from .head import head_for
-from .mixture import image_mixture, toy_2d
-from .schedules import LinearVPSchedule, schedule_from_config
+from ..checkpoint import CheckpointError
+from ..heads.distill import LR_SCHEDULES, check_new_output, data_sampler, distill, format_validation, probe_model
+from ..heads.head import head_for
+from ..models.mixture import image_mixture, toy_2d
+from ..ode.schedules import LinearVPSchedule, schedule_from_config
+from . import device_from_option, int_at_least, output_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -114,7 +114,7 @@ def load_model(spec: str, args):
     if not path.is_file():
         raise ValueError(f"--model must be 'mixture', 'toy2d' or an existing checkpoint file, got {spec!r}")
     try:
-        from .unet import load_unet
+        from ..models.unet import load_unet
     except ImportError as err:
         raise ValueError(f"cannot load {path}: no model loader is installed (genie_kernels.unet.load_unet): {err}") from err
     model, config = load_unet(path, return_config=True)
@@ -129,7 +129,7 @@ def load_data(spec: str, model_data):
             raise ValueError("--data model needs a model with its own data distribution (mixture, toy2d)")
         return model_data
     if spec == "mnist" or spec.startswith("mnist:"):
-        from .mnist import default_data_dir, load_mnist
+        from ..zoo.mnist.data import default_data_dir, load_mnist
         root = spec.split(":", 1)[1] if ":" in spec else default_data_dir()
         return load_mnist(root, split="train")[0]
     path = Path(spec)

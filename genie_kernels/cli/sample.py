@@ -16,13 +16,12 @@ import time
 
 import torch
 
-from . import sample
-from .cli import device_from_option, int_at_least, output_file
-from .mixture import toy_2d
-from .plotting import IMAGE_SUFFIXES, image_grid, scatter_panels
-from .sampling import BACKENDS, resolve_backend
-from .schedules import DEFAULT_STRIDING, STRIDINGS
-from .solvers import SOLVERS
+from ..models.mixture import toy_2d
+from ..ode.schedules import DEFAULT_STRIDING, STRIDINGS
+from ..ode.solvers import SOLVERS
+from ..plotting import IMAGE_SUFFIXES, image_grid, scatter_panels
+from ..sampling import BACKENDS, resolve_backend, sample
+from . import device_from_option, int_at_least, output_file
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -62,7 +61,7 @@ def run(args) -> int:
 
 
 def run_model(args, device: torch.device) -> int:
-    from .pretrained import load_pretrained
+    from ..zoo.pretrained import load_pretrained
 
     model, head, schedule = load_pretrained(args.model, device=device, with_head=args.solver == "genie")
     dtype = getattr(torch, args.dtype)
@@ -76,7 +75,7 @@ def run_model(args, device: torch.device) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(batch, model.in_channels, model.image_size, model.image_size, generator=gen).to(device, dtype)
     if resolve_backend(args.backend, args.solver, head, noise) == "cpp":  # refuses one that cannot run
-        from .ext import ExtensionUnavailable, load
+        from ..fast.ext import ExtensionUnavailable, load
 
         try:
             load()  # import or build the C++ op before the clock starts

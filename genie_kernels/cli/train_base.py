@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
-from .cli import int_at_least
-from .mnist import MNISTError, load_mnist
-from .train_base import CHECKPOINT_NAME, TrainConfig, TrainingError, export_pretrained, train_base
-from .unet import PRETRAINED_DIR
+from ..checkpoint import CheckpointError
+from ..models.unet import PRETRAINED_DIR
+from ..zoo.mnist.data import MNISTError, load_mnist
+from ..zoo.mnist.train_base import CHECKPOINT_NAME, TrainConfig, TrainingError, export_pretrained, train_base
+from . import int_at_least
 
 DEFAULTS = TrainConfig()
 

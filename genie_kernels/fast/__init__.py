@@ -1,5 +1,15 @@
-"""Fused Triton kernels, each with a pure-PyTorch reference twin in the same module.
+"""The fast layer: the same sampling as the reference, on fused kernels.
 
+Every module here has a pure-PyTorch twin below it and a test that holds the two equal:
+the Triton kernels ``update`` (the fused step; twin ``taylor_update_reference`` beside it,
+which follows :mod:`genie_kernels.ode.solvers` and :func:`genie_kernels.heads.head.combine_mixed`),
+``group_norm``, ``channels_last_cat`` and ``head_blocks`` (the fused conv head; twin
+:meth:`genie_kernels.heads.head.ConvHead.predict_k`); ``ext`` (the loader of the C++/CUDA
+update op of ``csrc/``); ``sampler`` (the solver loop on these ops; twin
+:mod:`genie_kernels.ode.solvers`) and ``graph`` (that loop as one CUDA graph).  Imports the
+heads, ODE and helper layers only.
+
+This module holds what the Triton kernels share.
 Triton runs on CUDA devices, and on the CPU when ``TRITON_INTERPRET=1`` is set before
 triton is imported (slow; used by the tests).  :func:`triton_status` says whether the
 kernels can run on a given device and, if not, why.

@@ -37,7 +37,7 @@ __all__ = ["ExtensionUnavailable", "load", "status", "taylor_update_cpp"]
 # The C++ sources sit at the repository root, next to the package: that is where an
 # editable install (or running from a checkout) finds them.  A regular wheel does not ship
 # csrc/, so there only a prebuilt genie_kernels._C can be used.
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPP_SOURCE = CSRC / "taylor_update.cpp"
 CUDA_SOURCE = CSRC / "taylor_update_cuda.cu"
 

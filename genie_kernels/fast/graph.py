@@ -35,11 +35,12 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from .kernels.sampler import DeviceGrid, check_fused_solver, device_grid, eager_head_k, fused_loop
-from .models import EpsModel, ModelOutput, as_model
-from .sampling import check_model_and_head, check_noise
-from .schedules import (DEFAULT_STRIDING, SCHEDULE_MISMATCH, VPSchedule, check_steps, check_t_end, config_or_none,
-                        schedule_of, time_grid)
+from ..checks import check_noise
+from ..ode.protocol import EpsModel, ModelOutput, as_model
+from ..ode.schedules import (DEFAULT_STRIDING, SCHEDULE_MISMATCH, VPSchedule, check_steps, check_t_end, config_or_none,
+                             schedule_of, time_grid)
+from ..ode.solvers import check_model_and_head
+from .sampler import DeviceGrid, check_fused_solver, device_grid, eager_head_k, fused_loop
 
 UPDATES = ("auto", "cpp", "triton", "reference")
 # The eager warm-up before capture runs the loop's first steps only: they already launch every
@@ -64,26 +65,26 @@ def _resolve_update(update: str):
             ext.load(build=update == "cpp")
             return ext.taylor_update_cpp
     if update in ("auto", "triton"):
-        from .kernels import triton_status
+        from . import triton_status
 
         usable, reason = triton_status("cuda")
         if usable:
-            from .kernels.update import taylor_update
+            from .update import taylor_update
 
             return taylor_update
         if update == "triton":
             raise ValueError(f"update='triton' is not available: {reason}")
-    from .kernels.update import taylor_update_reference
+    from .update import taylor_update_reference
 
     return taylor_update_reference
 
 
 def _resolve_head_k():
     """The fused Triton head where Triton runs, else the eager ``predict_k``."""
-    from .kernels import triton_status
+    from . import triton_status
 
     if triton_status("cuda")[0]:
-        from .kernels.head_blocks import fused_head_k
+        from .head_blocks import fused_head_k
 
         return fused_head_k
     return eager_head_k

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..head import ConvHead
-from ..models import ModelOutput
+from ..heads.head import ConvHead
+from ..ode.protocol import ModelOutput
 from .channels_last_cat import channels_last_cat
 from .group_norm import RESIDUAL_SCALE, group_norm_silu
 

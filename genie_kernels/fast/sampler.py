@@ -19,10 +19,10 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from ..head import ConvHead
-from ..models import EpsModel, as_model, checked_call, state_dtype
-from ..schedules import VPSchedule
-from ..solvers import Callback, SolverOutput, analytic_eps
+from ..heads.head import ConvHead
+from ..ode.protocol import EpsModel, as_model, checked_call, state_dtype
+from ..ode.schedules import VPSchedule
+from ..ode.solvers import Callback, SolverOutput, analytic_eps
 
 SOLVERS = ("ddim", "ab2", "genie")  # genie with a ConvHead
 
@@ -103,7 +103,7 @@ def _update_and_head(backend: str) -> tuple[Update, HeadK]:
         from .update import taylor_update
 
         return taylor_update, fused_head_k
-    from ..ext import taylor_update_cpp
+    from .ext import taylor_update_cpp
 
     return taylor_update_cpp, eager_head_k
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..head import combine_mixed
+from ..heads.head import combine_mixed
 from . import cdiv, launch_directly, next_power_of_2, raw_kernel
 
 MODES = ("ddim", "genie", "ab2")

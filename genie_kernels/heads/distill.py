@@ -41,13 +41,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .checkpoint import (CheckpointError, load_checkpoint, load_module_tensors, read_config, restore_training,
-                         save_checkpoint, training_tensors)
-from .checks import check_int
-from .derivative import exact_deps_dgamma
+from ..checkpoint import (CheckpointError, load_checkpoint, load_module_tensors, read_config, restore_training,
+                          save_checkpoint, training_tensors)
+from ..checks import check_int
+from ..ode.derivative import exact_deps_dgamma
+from ..ode.protocol import ModelOutput, as_model, checked_call
+from ..ode.schedules import VPSchedule, schedule_of
 from .head import head_from_config, measure_nfe_overhead
-from .models import ModelOutput, as_model, checked_call
-from .schedules import VPSchedule, schedule_of
 
 FORMAT = "genie_kernels.head/1"
 LR_SCHEDULES = ("constant", "cosine")
@@ -68,6 +68,18 @@ class DistillResult(NamedTuple):
 
 # -- identities and data ---------------------------------------------------------------------
 
+# The modules this package's models were defined in when heads began to record the identity
+# of their model.  Identities keep those names, so that the heads distilled before the
+# package was split into layers (the bundled MNIST head among them) still load.
+IDENTITY_MODULES = {"genie_kernels.models.unet": "genie_kernels.unet",
+                    "genie_kernels.models.adapters": "genie_kernels.adapters",
+                    "genie_kernels.models.mixture": "genie_kernels.mixture",
+                    "genie_kernels.ode.protocol": "genie_kernels.models"}
+
+
+def _qualified_name(module: str, qualname: str) -> str:
+    return f"{IDENTITY_MODULES.get(module, module)}.{qualname}"
+
 
 def model_identity(model) -> dict:
     """What a head is tied to: the model's class and a SHA-256 of its weights and buffers.
@@ -79,13 +91,14 @@ def model_identity(model) -> dict:
     if callable(custom):
         return dict(custom())
     cls = type(model)
-    identity = {"class": f"{cls.__module__}.{cls.__qualname__}"}
+    identity = {"class": _qualified_name(cls.__module__, cls.__qualname__)}
     for attr in ("network", "eps_fn"):  # what an adapter wraps
         inner = getattr(model, attr, None)
         if isinstance(inner, nn.Module):
-            identity[attr] = f"{type(inner).__module__}.{type(inner).__qualname__}"
+            identity[attr] = _qualified_name(type(inner).__module__, type(inner).__qualname__)
         elif callable(inner):
-            identity[attr] = f"{getattr(inner, '__module__', '')}.{getattr(inner, '__qualname__', type(inner).__qualname__)}"
+            identity[attr] = _qualified_name(getattr(inner, "__module__", ""),
+                                             getattr(inner, "__qualname__", type(inner).__qualname__))
     digest = hashlib.sha256()
     if isinstance(model, nn.Module):
         for name, tensor in sorted(model.state_dict().items()):

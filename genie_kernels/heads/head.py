@@ -40,8 +40,8 @@ import time
 import torch
 from torch import Tensor, nn
 
-from .checks import check_int
-from .models import ModelOutput, state_dtype
+from ..checks import check_int
+from ..ode.protocol import ModelOutput, state_dtype
 
 # Frequencies of the sinusoidal log γ embedding: geometric between these (radians per
 # unit of log γ), so the slowest varies over the whole range and the fastest over ~0.3.

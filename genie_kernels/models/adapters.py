@@ -16,9 +16,9 @@ reads ``features`` (the network's last feature map before its output layer) and
   (no features, no temb).
 
 Forward-mode AD (``torch.func.jvp``, used for the exact derivative and distillation)
-fails on two things found in diffusers UNets on the CPU (DESIGN §4): the fused
-scaled-dot-product attention kernels have no forward-mode formula, and GroupNorm's
-forward-mode formula needs contiguous inputs.  With ``jvp_safe=True`` (the default) an
+fails on two things found in diffusers UNets on the CPU (docs/design.md, "The total
+derivative"): the fused scaled-dot-product attention kernels have no forward-mode
+formula, and GroupNorm's forward-mode formula needs contiguous inputs.  With ``jvp_safe=True`` (the default) an
 adapter therefore runs the network under the math attention backend and makes every
 GroupNorm input contiguous (a no-op when it already is) through pre-hooks.
 """
@@ -31,8 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .models import EpsModel, ModelOutput, check_takes_x_and_t
-from .schedules import DiscreteVPSchedule, VPSchedule, check_schedule
+from ..ode.protocol import EpsModel, ModelOutput, check_takes_x_and_t
+from ..ode.schedules import DiscreteVPSchedule, VPSchedule, check_schedule
 
 
 def _first_tensor(result) -> Tensor:
@@ -67,6 +67,8 @@ class HookedModel(EpsModel):
             For a DDPM-style network with ``schedule=DiscreteVPSchedule(alphas_cumprod)``, pass
             ``time_input=schedule.timestep_from_t``: its continuous timestep ``t N − 1``.
     """
+
+    prepares_jvp = True  # see jvp_safe
 
     def __init__(self, network: nn.Module, feature_layer: Optional[str] = None, temb_layer: Optional[str] = None,
                  time_input: Optional[Callable[[Tensor], Tensor]] = None, feature_from: str = "output",

@@ -19,8 +19,8 @@ import math
 import torch
 from torch import Tensor
 
-from .models import EpsModel, ModelOutput
-from .schedules import LinearVPSchedule, VPSchedule
+from ..ode.protocol import EpsModel, ModelOutput
+from ..ode.schedules import LinearVPSchedule, VPSchedule
 
 
 class GaussianMixture(EpsModel):

@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, load_checkpoint, load_module_tensors
-from .models import EpsModel, ModelOutput
+from ..checkpoint import CheckpointError, load_checkpoint, load_module_tensors
+from ..ode.protocol import EpsModel, ModelOutput
 
 UNET_KIND = "genie_kernels.unet"
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+TRAIN_KIND = "genie_kernels.train_base"  # a train-base checkpoint, which load_unet reads too
+PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "zoo" / "weights"
 
 
 def timestep_embedding(t: Tensor, dim: int, time_scale: float = 1000.0, max_period: float = 10000.0) -> Tensor:
@@ -240,8 +241,6 @@ def load_unet(path, return_config: bool = False):
     Returns the model in eval mode (float32), and its config dict if ``return_config``;
     ``config["schedule"]`` is the noise schedule it was trained with.
     """
-    from .train_base import TRAIN_KIND  # local: train_base imports this module
-
     tensors, config = load_checkpoint(path)
     kind = config.get("kind")
     if kind == UNET_KIND:

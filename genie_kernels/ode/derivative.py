@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .models import ModelOutput, as_model, checked_call
+from .protocol import ModelOutput, as_model, checked_call
 from .schedules import VPSchedule
 
 # Network evaluations charged for one forward-mode pass (primal + tangent).
@@ -54,10 +54,8 @@ def exact_deps_dgamma(
     except torch.cuda.OutOfMemoryError:
         raise
     except (RuntimeError, NotImplementedError) as err:
-        from .adapters import HookedModel
-
         advice = "keep its forward in torch operations (no .numpy())"
-        if not isinstance(model, HookedModel):
+        if not model.prepares_jvp:
             advice = ("wrap the network in gk.HookedModel or gk.UNet2DAdapter (jvp_safe=True, the default, avoids "
                       "fused attention and strided GroupNorm inputs) and " + advice)
         raise RuntimeError("the exact dε/dγ differentiates the model in forward mode (torch.func.jvp), and its "

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from .models import as_model, checked_call
+from .protocol import as_model, checked_call
 from .schedules import VPSchedule, check_schedule, checked_grid
 
 

@@ -32,6 +32,11 @@ class ModelOutput(NamedTuple):
 class EpsModel(nn.Module):
     """Adapter base class: ``forward(x, t)`` gives ε, ``forward_features`` gives all three."""
 
+    #: Whether the adapter prepares its network for ``torch.func.jvp`` itself, as
+    #: :class:`~genie_kernels.models.adapters.HookedModel` does; the exact derivative's error
+    #: then does not advise wrapping the model in one.
+    prepares_jvp: bool = False
+
     def forward_features(self, x: Tensor, t: Tensor) -> ModelOutput:
         raise NotImplementedError
 

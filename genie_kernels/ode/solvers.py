@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .derivative import JVP_NFE, exact_deps_dgamma
-from .models import ModelOutput, as_model, checked_call, state_dtype
+from .protocol import ModelOutput, as_model, checked_call, state_dtype
 from .schedules import VPSchedule, check_schedule, checked_grid
 
 Callback = Optional[Callable[[dict], None]]
@@ -221,3 +221,16 @@ def ab3(model, noise, ts, schedule, *, afs=False, denoise=False, callback: Callb
 
 
 SOLVERS = {"ddim": ddim, "genie": genie, "genie_exact": genie_exact, "ab2": ab2, "ab3": ab3}
+
+
+def check_model_and_head(model, solver: str, head) -> None:
+    """The checks of ``solver``, ``model`` and ``head`` that every sampling entry point makes
+    (:func:`genie_kernels.sample` and :class:`genie_kernels.GenieSampler`)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {tuple(SOLVERS)}")
+    if solver == "genie" and head is None:
+        raise ValueError("solver='genie' needs a distilled head (head=...); use solver='genie_exact' without one")
+    if solver != "genie" and head is not None:
+        raise ValueError(f"head= is only used by solver='genie', not {solver!r}")
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import CheckpointError
-from .distill import load_head
-from .schedules import VPSchedule, schedule_from_config
-from .unet import PRETRAINED_DIR, load_pretrained_unet
+from ..checkpoint import CheckpointError
+from ..heads.distill import load_head
+from ..models.unet import PRETRAINED_DIR, load_pretrained_unet
+from ..ode.schedules import VPSchedule, schedule_from_config
 
 
 def pretrained_dir(name_or_path="mnist") -> Path:

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from genie_kernels.kernels import compile_check  # noqa: E402
+from genie_kernels.cli import compile_check  # noqa: E402
 
 usable, reason = compile_check.available()
 if not usable:
@@ -23,7 +23,7 @@ if not usable:
 
 def test_every_kernel_variant_compiles_for_sm90_with_vector_loads_and_no_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "genie_kernels.kernels.compile_check", "--arch", "90"],
+    run = subprocess.run([sys.executable, "-m", "genie_kernels.cli.compile_check", "--arch", "90"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     kernels = ("group_norm_silu", "taylor_update", "channels_last_cat")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import genie_kernels as gk
-from genie_kernels.head import ConvHead
-from genie_kernels.unet import UNet
+from genie_kernels.heads.head import ConvHead
+from genie_kernels.models.unet import UNet
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
@@ -60,7 +60,7 @@ def test_fused_backends_refuse_solvers_they_do_not_run():
 
 
 def test_cuda_graph_cache_keeps_the_most_recently_used_samplers(monkeypatch):
-    from genie_kernels import graph
+    from genie_kernels.fast import graph
 
     made = []
 
@@ -129,7 +129,7 @@ def test_half_precision_reference_equals_the_fused_cpp_loop_bit_for_bit(solver, 
 @pytest.mark.parametrize("solver", ["ddim", "ab2", "genie"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 def test_graph_equals_eager_loop_and_reference(solver, dtype, tol):
-    from genie_kernels.graph import GenieSampler
+    from genie_kernels.fast.graph import GenieSampler
 
     model = small_unet("cuda", dtype)
     head = random_head(model, "cuda", dtype) if solver == "genie" else None
@@ -152,8 +152,8 @@ def test_graph_equals_eager_loop_and_reference(solver, dtype, tol):
 
 @needs_cuda
 def test_graph_with_the_head_channels_last_equals_the_reference():
-    from genie_kernels.graph import GenieSampler
-    from genie_kernels.kernels.head_blocks import CHANNELS_LAST_MIN_BATCH
+    from genie_kernels.fast.graph import GenieSampler
+    from genie_kernels.fast.head_blocks import CHANNELS_LAST_MIN_BATCH
 
     model = small_unet("cuda", torch.float16)
     head = random_head(model, "cuda", torch.float16)
@@ -166,7 +166,7 @@ def test_graph_with_the_head_channels_last_equals_the_reference():
 
 @needs_cuda
 def test_new_noise_is_used_and_a_new_shape_recaptures():
-    from genie_kernels.graph import GenieSampler
+    from genie_kernels.fast.graph import GenieSampler
 
     model = small_unet("cuda")
     sampler = GenieSampler(model, 4, solver="ddim")
@@ -183,7 +183,7 @@ def test_new_noise_is_used_and_a_new_shape_recaptures():
 
 @needs_cuda
 def test_a_thousand_replays_do_not_grow_memory():
-    from genie_kernels.graph import GenieSampler
+    from genie_kernels.fast.graph import GenieSampler
 
     model = small_unet("cuda")
     head = random_head(model, "cuda")
@@ -201,7 +201,7 @@ def test_a_thousand_replays_do_not_grow_memory():
 
 @needs_cuda
 def test_uncapturable_model_gives_a_clear_error():
-    from genie_kernels.graph import GenieSampler, GraphCaptureError
+    from genie_kernels.fast.graph import GenieSampler, GraphCaptureError
 
     model = small_unet("cuda")
 
@@ -219,7 +219,7 @@ def test_uncapturable_model_gives_a_clear_error():
 
 @needs_cuda
 def test_sample_cuda_graph_backend_matches_reference_and_reuses_the_capture():
-    from genie_kernels import graph
+    from genie_kernels.fast import graph
 
     graph.clear_cache()
     model = small_unet("cuda")
@@ -238,7 +238,7 @@ def test_sample_cuda_graph_backend_matches_reference_and_reuses_the_capture():
 
 
 def test_genie_sampler_refuses_a_solver_in_its_own_terms():
-    from genie_kernels.graph import GenieSampler
+    from genie_kernels.fast.graph import GenieSampler
 
     mix = gk.image_mixture((1, 4, 4), components=2, seed=0)
     with pytest.raises(ValueError, match="unknown solver 'dpm'"):
@@ -250,7 +250,8 @@ def test_genie_sampler_refuses_a_solver_in_its_own_terms():
 
 
 def test_cuda_graph_sampling_warns_once_about_a_schedule_that_is_not_the_models(monkeypatch):
-    from genie_kernels import graph, sampling
+    from genie_kernels import sampling
+    from genie_kernels.fast import graph
 
     monkeypatch.setattr(sampling, "resolve_backend", lambda *args: "cuda_graph")
     monkeypatch.setattr(graph.GenieSampler, "__call__", lambda self, noise: noise)  # no capture on the CPU
@@ -263,7 +264,7 @@ def test_cuda_graph_sampling_warns_once_about_a_schedule_that_is_not_the_models(
 
 
 def test_genie_sampler_checks_its_noise_before_any_capture():
-    from genie_kernels.graph import GenieSampler
+    from genie_kernels.fast.graph import GenieSampler
 
     sampler = GenieSampler(gk.image_mixture((1, 4, 4), components=2, seed=0), 3, solver="ddim", check_finite=False)
     with pytest.raises(ValueError, match=r"batch >= 1, got shape \(0, 1, 4, 4\)"):
@@ -274,7 +275,8 @@ def test_genie_sampler_checks_its_noise_before_any_capture():
 
 
 def test_cuda_graph_sampling_keys_a_schedule_without_config_by_identity(monkeypatch, schedule_without_config):
-    from genie_kernels import graph, sampling
+    from genie_kernels import sampling
+    from genie_kernels.fast import graph
 
     monkeypatch.setattr(sampling, "resolve_backend", lambda *args: "cuda_graph")
     monkeypatch.setattr(graph.GenieSampler, "__call__", lambda self, noise: noise)  # no capture on the CPU

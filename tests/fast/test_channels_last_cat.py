@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from genie_kernels.kernels import triton_status
+from genie_kernels.fast import triton_status
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 usable, reason = triton_status(DEVICE)
 if not usable:
     pytest.skip(reason, allow_module_level=True)
 
-from genie_kernels.kernels.channels_last_cat import channels_last_cat, channels_last_cat_reference  # noqa: E402
+from genie_kernels.fast.channels_last_cat import channels_last_cat, channels_last_cat_reference  # noqa: E402
 
 # (channels of the parts, H, W, batch): the head's x/ε/features split, a part wider than one
 # 64-channel block, one part, one pixel, more pixels than one 64-pixel block.

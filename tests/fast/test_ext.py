@@ -9,8 +9,8 @@ with the reason.
 import pytest
 import torch
 
-from genie_kernels import ext
-from genie_kernels.kernels.update import taylor_update_reference
+from genie_kernels.fast import ext
+from genie_kernels.fast.update import taylor_update_reference
 
 MODES = ["ddim", "genie", "ab2"]
 GAMMAS = [152.2, 40.0, 3.1, 0.7, 0.0105]  # a 4-step γ grid from γ_max of a VP schedule
@@ -89,8 +89,8 @@ def test_cpu_op_matches_reference(shape, mode, dtypes, step):
 BITWISE_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {tests!r})
-from genie_kernels import ext
-from genie_kernels.kernels.update import taylor_update_reference
+from genie_kernels.fast import ext
+from genie_kernels.fast.update import taylor_update_reference
 from test_ext import DTYPES, MODES, make_inputs, run_op
 ext.load()
 differ = []

@@ -6,18 +6,18 @@ import pytest
 import torch
 
 import genie_kernels as gk
-from genie_kernels.kernels import triton_status
+from genie_kernels.fast import triton_status
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 usable, reason = triton_status(DEVICE)
 if not usable:
     pytest.skip(reason, allow_module_level=True)
 
-from genie_kernels.head import ConvHead, combine_mixed  # noqa: E402
-from genie_kernels.kernels import group_norm as group_norm_module  # noqa: E402
-from genie_kernels.kernels.group_norm import group_norm_silu, group_norm_silu_reference, is_channels_last  # noqa: E402
-from genie_kernels.kernels.head_blocks import fused_head_k  # noqa: E402
-from genie_kernels.models import ModelOutput  # noqa: E402
+from genie_kernels.heads.head import ConvHead, combine_mixed  # noqa: E402
+from genie_kernels.fast import group_norm as group_norm_module  # noqa: E402
+from genie_kernels.fast.group_norm import group_norm_silu, group_norm_silu_reference, is_channels_last  # noqa: E402
+from genie_kernels.fast.head_blocks import fused_head_k  # noqa: E402
+from genie_kernels.ode.protocol import ModelOutput  # noqa: E402
 
 # (dtype, atol, rtol) against the float64 reference: float32 statistics make the
 # float32 result exact to ~1e-6; half precision is bounded by the output rounding.
@@ -103,7 +103,7 @@ def test_group_norm_silu_channels_last_programs_of_several_groups(channels, grou
 
 
 def test_launch_config_gives_programs_whole_groups_and_bounded_tiles():
-    from genie_kernels.kernels.group_norm import SLAB_ELEMENTS, TILE_ELEMENTS, launch_config
+    from genie_kernels.fast.group_norm import SLAB_ELEMENTS, TILE_ELEMENTS, launch_config
 
     cases = [(c, g) for c in (1, 3, 12, 32, 96, 128, 256, 640) for g in (1, 2, 3, 4, 8, 32) if c % g == 0]
     for channels, groups in cases:
@@ -208,7 +208,7 @@ def random_head(num_blocks, temb_channels, dtype=torch.float32):
 @pytest.fixture
 def group_norm_layouts(monkeypatch):
     """Whether each fused head's GroupNorm launch was given channels-last input, in order."""
-    import genie_kernels.kernels.head_blocks as head_blocks
+    import genie_kernels.fast.head_blocks as head_blocks
 
     layouts = []
     monkeypatch.setattr(head_blocks, "group_norm_silu",
@@ -249,7 +249,7 @@ def test_fused_head_casts_its_inputs_to_the_heads_dtype_and_takes_strided_ones(c
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_head_pads_its_channels_last_input_to_whole_vectors(channels_last, monkeypatch):
-    import genie_kernels.kernels.head_blocks as head_blocks
+    import genie_kernels.fast.head_blocks as head_blocks
 
     conv_inputs = []  # (input channels, weight input channels) of every convolution
     convolve = head_blocks._conv_without_bias
@@ -294,7 +294,7 @@ def test_triton_sampler_equals_reference(solver, afs, denoise):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the head runs channels-last by default only on CUDA")
 def test_triton_sampler_equals_reference_with_the_head_channels_last(group_norm_layouts):
-    import genie_kernels.kernels.head_blocks as head_blocks
+    import genie_kernels.fast.head_blocks as head_blocks
 
     model, head = FeatureMixture().to(DEVICE).float(), random_head(1, 0)
     batch = head_blocks.CHANNELS_LAST_MIN_BATCH
@@ -315,7 +315,7 @@ def test_triton_backend_rejects_what_it_cannot_run():
 def test_group_norm_with_module_parameters_launches_directly_under_no_grad(monkeypatch):
     """A GroupNorm module's weight and bias are Parameters (which require grad): the sampler's
     no-grad calls launch directly, calls that autograd would record go through the op."""
-    import genie_kernels.kernels.group_norm as gn
+    import genie_kernels.fast.group_norm as gn
 
     launchers = []
     original = gn._launch

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from genie_kernels.kernels import triton_status
+from genie_kernels.fast import triton_status
 
 usable, reason = triton_status("cuda" if torch.cuda.is_available() else "cpu")
 if not usable:
     pytest.skip(reason, allow_module_level=True)
 
-from genie_kernels.kernels.update import taylor_update, taylor_update_reference  # noqa: E402
+from genie_kernels.fast.update import taylor_update, taylor_update_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 3, 5, 7), (2, 4, 9, 1), (3, 6, 11, 13), (1, 1, 1, 1)]
@@ -93,7 +93,7 @@ class PassThroughMode(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def test_plain_eager_calls_launch_directly_and_everything_else_goes_through_the_op(monkeypatch):
-    import genie_kernels.kernels.update as update
+    import genie_kernels.fast.update as update
 
     launchers = []
     original = update._launch
@@ -121,7 +121,7 @@ def test_plain_eager_calls_launch_directly_and_everything_else_goes_through_the_
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="torch.compile traces the op with fake tensors, which the interpreter cannot run")
 def test_torch_compile_traces_the_op_in_one_graph():
-    from genie_kernels.kernels.group_norm import group_norm_silu
+    from genie_kernels.fast.group_norm import group_norm_silu
 
     xbar, eps, aux, gammas = make_inputs((2, 8, 4, 4), torch.float16, "genie")
     weight = torch.randn(8, device=DEVICE, dtype=torch.float16)

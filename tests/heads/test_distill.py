@@ -15,12 +15,12 @@ import torch.multiprocessing as mp
 
 import genie_kernels as gk
 from genie_kernels.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
-from genie_kernels.distill import (NonFiniteLossError, ValidationBucket, _check_settings, distill, load_head,
+from genie_kernels.heads.distill import (NonFiniteLossError, ValidationBucket, _check_settings, distill, load_head,
                                    model_identity, noisy_batch, relative_errors, validation_set, weighted_loss)
-from genie_kernels.head import ConvHead, MLPHead
-from genie_kernels.models import ModelOutput
+from genie_kernels.heads.head import ConvHead, MLPHead
+from genie_kernels.ode.protocol import ModelOutput
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one thread is faster and steadier
@@ -113,7 +113,7 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
 def test_time_limit_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    distill_module = sys.modules["genie_kernels.distill"]
+    distill_module = sys.modules["genie_kernels.heads.distill"]
     mixture = small_mixture()
     full = run(small_head(), mixture, steps=8, ema_decay=0.5)
     clock = iter(range(1000))  # one "second" per reading: the deadline (3 s) passes at step 3
@@ -447,7 +447,7 @@ def test_an_output_path_without_the_safetensors_suffix_is_refused_before_trainin
 
 
 def test_training_never_draws_the_rows_held_out_for_validation(monkeypatch):
-    distill_module = sys.modules["genie_kernels.distill"]
+    distill_module = sys.modules["genie_kernels.heads.distill"]
     original, draws = distill_module.data_sampler, []
 
     def recording_sampler(data):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import genie_kernels as gk
-from genie_kernels.derivative import exact_deps_dgamma
-from genie_kernels.mixture import GaussianMixture
+from genie_kernels.ode.derivative import exact_deps_dgamma
+from genie_kernels.models.mixture import GaussianMixture
 
 f64 = torch.float64
 

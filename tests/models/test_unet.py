@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from genie_kernels import sample
-from genie_kernels.models import ModelOutput
-from genie_kernels.unet import UNet, timestep_embedding
+from genie_kernels.ode.protocol import ModelOutput
+from genie_kernels.models.unet import UNet, timestep_embedding
 
 TINY = {"image_size": 8, "in_channels": 1, "channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1,
         "attn_resolutions": [4], "norm_groups": 4, "time_scale": 1000.0}

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from genie_kernels.schedules import DiscreteVPSchedule, LinearVPSchedule, schedule_from_config, time_grid
+from genie_kernels.ode.schedules import DiscreteVPSchedule, LinearVPSchedule, schedule_from_config, time_grid
 
 f64 = torch.float64
 
@@ -22,7 +22,7 @@ def test_linear_schedule_identities():
     torch.testing.assert_close(alpha**2 + sigma**2, torch.ones_like(t), rtol=0, atol=1e-14)
     torch.testing.assert_close(gamma, sigma / alpha, rtol=1e-12, atol=0)
     torch.testing.assert_close(s.lambda_(t), torch.log(alpha / sigma), rtol=1e-12, atol=1e-12)
-    # the closed-form inverse of DESIGN §1
+    # the closed-form inverse of docs/design.md §1 (t(γ) of the linear schedule)
     closed = (-0.1 + torch.sqrt(0.1**2 + 2 * 19.9 * torch.log1p(gamma**2))) / 19.9
     torch.testing.assert_close(s.t_from_gamma(gamma), t, rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(closed, t, rtol=1e-12, atol=1e-13)

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import genie_kernels as gk
-from genie_kernels.schedules import DEFAULT_STRIDING
-from genie_kernels.schedules import time_grid
+from genie_kernels.ode.schedules import DEFAULT_STRIDING
+from genie_kernels.ode.schedules import time_grid
 
 f64 = torch.float64
 TOL = dict(atol=1e-12, rtol=1e-12)  # float64 rounding over a few steps of O(1) values

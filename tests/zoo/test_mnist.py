@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from genie_kernels.mnist import (IMAGES_FILE, IMAGES_MAGIC, LABELS_FILE, LABELS_MAGIC, MNISTError, load_mnist,
+from genie_kernels.zoo.mnist.data import (IMAGES_FILE, IMAGES_MAGIC, LABELS_FILE, LABELS_MAGIC, MNISTError, load_mnist,
                                  read_idx, split_indices)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = Path(os.environ.get("GENIE_MNIST") or REPO.parent / "shared" / "data" / "mnist")
 needs_data = pytest.mark.skipif(not (DATA / IMAGES_FILE).is_file(),
                                 reason=f"MNIST idx files not found in {DATA} (set GENIE_MNIST to their folder)")

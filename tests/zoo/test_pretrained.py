@@ -5,9 +5,9 @@ import torch
 
 from genie_kernels.checkpoint import CheckpointError, save_checkpoint
 from genie_kernels.cli import main
-from genie_kernels.pretrained import load_pretrained
-from genie_kernels.schedules import LinearVPSchedule
-from genie_kernels.unet import PRETRAINED_DIR, UNET_KIND, UNet
+from genie_kernels.zoo.pretrained import load_pretrained
+from genie_kernels.ode.schedules import LinearVPSchedule
+from genie_kernels.models.unet import PRETRAINED_DIR, UNET_KIND, UNet
 
 TINY = {"image_size": 8, "channels": 8, "channel_mults": [1, 2], "attn_resolutions": [4], "norm_groups": 4}
 

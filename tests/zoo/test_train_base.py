@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import genie_kernels.checkpoint as checkpoint_module
-import genie_kernels.train_base as train_module
+import genie_kernels.zoo.mnist.train_base as train_module
 from genie_kernels.checkpoint import CheckpointError, load_checkpoint, read_config
-from genie_kernels.train_base import CHECKPOINT_NAME, TrainConfig, TrainingError, export_pretrained, train_base
-from genie_kernels.unet import UNet, load_pretrained_unet, load_unet
+from genie_kernels.zoo.mnist.train_base import CHECKPOINT_NAME, TrainConfig, TrainingError, export_pretrained, train_base
+from genie_kernels.models.unet import UNet, load_pretrained_unet, load_unet
 
 TINY_UNET = {"image_size": 8, "in_channels": 1, "channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1,
              "attn_resolutions": [4], "norm_groups": 4, "time_scale": 1000.0}
@@ -171,7 +171,7 @@ def test_export_writes_shipped_model(tmp_path):
 
 def test_cli_train_resume_export(tmp_path):
     from genie_kernels.cli import main
-    from genie_kernels.mnist import default_data_dir
+    from genie_kernels.zoo.mnist.data import default_data_dir
 
     data = default_data_dir()
     if not (data / "t10k-images-idx3-ubyte.gz").is_file():

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checks import check_int
+from ...checks import check_int
 
 IMAGES_FILE = "t10k-images-idx3-ubyte.gz"
 LABELS_FILE = "t10k-labels-idx1-ubyte.gz"
@@ -87,7 +87,7 @@ def default_data_dir() -> Path:
     env = os.environ.get("GENIE_MNIST")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+    return Path(__file__).resolve().parents[4] / "shared" / "data" / "mnist"
 
 
 def load_mnist(root, split: str = "train", pad: int = 0) -> tuple[Tensor, Tensor]:

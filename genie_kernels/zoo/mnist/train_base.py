@@ -35,15 +35,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .checkpoint import (CheckpointError, load_checkpoint, load_module_tensors, restore_training, save_checkpoint,
-                         training_tensors)
-from .checks import check_int
-from .plotting import image_grid
-from .sampling import sample
-from .schedules import LinearVPSchedule, schedule_from_config
-from .unet import PRETRAINED_DIR, UNET_KIND, UNet
+from ...checkpoint import (CheckpointError, load_checkpoint, load_module_tensors, restore_training, save_checkpoint,
+                           training_tensors)
+from ...checks import check_int
+from ...models.unet import PRETRAINED_DIR, TRAIN_KIND, UNET_KIND, UNet
+from ...ode.schedules import LinearVPSchedule, schedule_from_config
+from ...plotting import image_grid
+from ...sampling import sample
 
-TRAIN_KIND = "genie_kernels.train_base"
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MAX_SHIPPED_BYTES = 10 * 1024 * 1024
 GRID_SIZE = 64
