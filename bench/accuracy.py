@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 import genie_kernels as gk
-from genie_kernels.derivative import JVP_NFE
+from genie_kernels.ode.derivative import JVP_NFE
 
 NFES = (4, 5, 6, 8, 10, 15, 20)
 SOLVERS = ("ddim", "ab2", "ab3")

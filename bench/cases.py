@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from genie_kernels.head import ConvHead
-from genie_kernels.models import ModelOutput
-from genie_kernels.unet import UNet
+from genie_kernels.heads.head import ConvHead
+from genie_kernels.ode.protocol import ModelOutput
+from genie_kernels.models.unet import UNet
 
 
 def head_case(batch: int = 256):

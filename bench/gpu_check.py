@@ -8,7 +8,7 @@ to run the tests in four processes, pytest-xdist and execnet (an untracked ``.wh
 and run ``pip install -q --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site
 python bench/gpu_check.py --out $OUT/gpu``.
 
-1. The GPU tests of the Triton kernels (tests/test_kernels_*.py) against their
+1. The GPU tests of the Triton kernels (tests/fast/) against their
    PyTorch references.
 2. Device-to-device copy bandwidth (bytes read + written), the yardstick of (3).
 3. The fused Taylor update (GENIE mode, fp16 ε/k/x, fp32 x̄) at ≥ 16 MB: time, achieved
@@ -105,7 +105,7 @@ def bench_interleaved(calls: dict, rounds: int = 15) -> dict:
 
 
 def build_extension() -> None:
-    from genie_kernels import ext
+    from genie_kernels.fast import ext
 
     start = time.perf_counter()
     ext.load()
@@ -118,8 +118,8 @@ def run_tests() -> None:
     import subprocess
 
     start = time.perf_counter()
-    files = ["test_kernels_update.py", "test_kernels_head.py", "test_kernels_channels_last_cat.py", "test_ext.py",
-             "test_backends.py"]
+    files = ["fast/test_update.py", "fast/test_head_blocks.py", "fast/test_channels_last_cat.py", "fast/test_ext.py",
+             "fast/test_backends.py"]
     # Most of their time is Triton compiling kernel variants on the CPU: with pytest-xdist
     # (carried as a wheel, see above) four processes share the work.
     workers = ["-n", "4"] if importlib.util.find_spec("xdist") else []
@@ -146,7 +146,7 @@ def copy_bandwidth() -> float:
 
 
 def update_kernel(copy_gbps: float) -> None:
-    from genie_kernels.kernels.update import taylor_update, taylor_update_reference
+    from genie_kernels.fast.update import taylor_update, taylor_update_reference
 
     gammas = torch.tensor([152.2, 40.0, 3.0, 0.5, 0.01], dtype=torch.float64, device="cuda")
     compiled = torch.compile(taylor_update_reference)
@@ -183,9 +183,9 @@ def count_launches(fn, label: str | None = None) -> int:
 def head_forward() -> None:
     from cases import head_case
 
-    from genie_kernels.kernels.channels_last_cat import channels_last_cat, channels_last_cat_reference
-    from genie_kernels.kernels.head_blocks import fused_head_k
-    from genie_kernels.models import ModelOutput
+    from genie_kernels.fast.channels_last_cat import channels_last_cat, channels_last_cat_reference
+    from genie_kernels.fast.head_blocks import fused_head_k
+    from genie_kernels.ode.protocol import ModelOutput
 
     head, x, out, gamma = head_case(256)
     compiled = torch.compile(head.predict_k)
@@ -241,7 +241,7 @@ GROUP_NORM_SETTINGS = {
 def group_norm_settings(settings: dict):
     """``group_norm``'s module constants set to ``settings``, to compare launch configurations
     side by side; set around a whole timing, not inside the timed call."""
-    from genie_kernels.kernels import group_norm
+    from genie_kernels.fast import group_norm
 
     with mock.patch.multiple(group_norm, **settings):
         group_norm.launch_config.cache_clear()  # configurations are cached per shape
@@ -265,7 +265,7 @@ def group_norm_kernel(copy_gbps: float) -> None:
     y and out) at b256, C128, 32x32, fp16: by layout and channels-last setting, against eager."""
     import torch.nn.functional as F
 
-    from genie_kernels.kernels.group_norm import group_norm_silu
+    from genie_kernels.fast.group_norm import group_norm_silu
 
     h = torch.randn(256, 128, 32, 32, device="cuda", dtype=torch.float16)
     residual, bias = torch.randn_like(h), torch.randn_like(h[:, :, 0, 0])
@@ -298,7 +298,7 @@ def host_costs() -> None:
     Triton launch), through the torch.library dispatcher, and eager GroupNorm + SiLU."""
     import torch.nn.functional as F
 
-    from genie_kernels.kernels import group_norm as gn
+    from genie_kernels.fast import group_norm as gn
 
     h = torch.randn(1, 64, 32, 32, device="cuda", dtype=torch.float16)
     w = torch.ones(64, device="cuda", dtype=torch.float16)
@@ -391,7 +391,7 @@ def cifar10_unet():
 def models_for_graphs():
     """``{name: (adapter, head, shape, diffusers unet or None)}``, fp16 on the GPU (built once)."""
     import genie_kernels as gk
-    from genie_kernels.head import ConvHead
+    from genie_kernels.heads.head import ConvHead
 
     mnist, mnist_head, _ = gk.load_pretrained("mnist")
     torch.manual_seed(0)
@@ -432,7 +432,7 @@ def host_wait_ms(sampler, noise) -> tuple[float, float]:
 
 def whole_loop_graphs(deadline: float) -> None:
     import genie_kernels as gk
-    from genie_kernels.graph import GenieSampler
+    from genie_kernels.fast.graph import GenieSampler
 
     for name, (model, head, shape, unet) in models_for_graphs().items():
         for batch in (1, 256):
@@ -478,8 +478,8 @@ def whole_loop_graphs(deadline: float) -> None:
 
 def graph_with_head_layout(model, head, noise, channels_last: bool):
     """A GENIE sampler captured with the fused head in the given layout (fixed at capture)."""
-    from genie_kernels.graph import GenieSampler
-    from genie_kernels.kernels import head_blocks
+    from genie_kernels.fast.graph import GenieSampler
+    from genie_kernels.fast import head_blocks
 
     with mock.patch.object(head_blocks, "CHANNELS_LAST_MIN_BATCH", 1 if channels_last else sys.maxsize):
         sampler = GenieSampler(model, 10, solver="genie", head=head, check_finite=False)
@@ -489,7 +489,7 @@ def graph_with_head_layout(model, head, noise, channels_last: bool):
 
 def capture_probe() -> None:
     """``--capture-probe`` (run by :func:`fresh_process_capture`): one first capture, then exit."""
-    from genie_kernels.graph import GenieSampler
+    from genie_kernels.fast.graph import GenieSampler
 
     model, head, shape, _ = models_for_graphs()["CIFAR10 DDPM 35.7M"]
     sampler = GenieSampler(model, 10, solver="genie", head=head, check_finite=False)
@@ -523,7 +523,7 @@ def fresh_process_capture() -> None:
 def compiled_loops(deadline: float) -> None:
     """Batch 1, CIFAR-10 UNet: the graph with a compiled network vs reduce-overhead compile."""
     import genie_kernels as gk
-    from genie_kernels.graph import GenieSampler
+    from genie_kernels.fast.graph import GenieSampler
 
     name = "CIFAR10 DDPM 35.7M"
     model, head, shape, _ = models_for_graphs()[name]

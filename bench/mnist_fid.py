@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import genie_kernels as gk  # noqa: E402
 from genie_kernels.metrics import frechet_distance, gaussian_fit, scipy_available  # noqa: E402
-from genie_kernels.mnist import default_data_dir, load_mnist  # noqa: E402
+from genie_kernels.zoo.mnist.data import default_data_dir, load_mnist  # noqa: E402
 
 BATCH = 250
 REF_STEPS = 100  # steps of the ab3 reference solution that ranks the peers' spacings
@@ -181,7 +181,7 @@ def select_peer_spacings(model, schedule, nfes, mode: str, seed: int, ref_steps:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="mnist")
-    p.add_argument("--data", default=None, help="MNIST folder (default: genie_kernels.mnist.default_data_dir())")
+    p.add_argument("--data", default=None, help="MNIST folder (default: genie_kernels.zoo.mnist.data.default_data_dir())")
     p.add_argument("--samples", type=int, default=1000)
     p.add_argument("--nfes", default="5,10")
     p.add_argument("--seed", type=int, default=0)

@@ -4,7 +4,7 @@
                                   [--plot docs/mnist_rmse.png] [--markdown table.md]
 
 Same noise for every method; the ground truth is the float64 RK4 solution
-(:func:`genie_kernels.ground_truth`) from t = 1 to t_end = 1e-3, and every method stops
+(:func:`genie_kernels.ode.ground_truth`) from t = 1 to t_end = 1e-3, and every method stops
 at t_end (the diffusers peers too, see bench/peers.py).  NFE counts network calls; the
 genie rows use the distilled head, whose measured cost (a fraction of one call) is
 printed separately.  ``genie + AFS`` spends its NFE on steps 2…N+1 after the analytic

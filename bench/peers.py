@@ -1,7 +1,7 @@
 """diffusers' samplers driven on our ε-models, so that every method sees the same
 network, the same noise and the same ODE.
 
-Alignment (DESIGN §3):
+Alignment (docs/design.md §3, "Peers"):
 
 * The peers get a discrete ``alphas_cumprod`` made from the continuous schedule,
   timestep ``i`` ↔ ``t = (i + 1) / 1000`` (:meth:`DiscreteVPSchedule.from_continuous`),
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 import genie_kernels as gk
-from genie_kernels.models import as_model
+from genie_kernels.ode.protocol import as_model
 
 NUM_TRAIN_TIMESTEPS = 1000
 

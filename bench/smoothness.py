@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 import genie_kernels as gk
-from genie_kernels.smoothness import smoothness_report
+from genie_kernels.ode.schedules import STRIDINGS
+from genie_kernels.ode.smoothness import smoothness_report
 
 
 def load_model(name: str):
@@ -38,7 +39,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4, help="noises (trajectories) to average over (default 4)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--grid-steps", type=int, default=10, help="steps of the solver grid for one-step errors")
-    p.add_argument("--striding", default="uniform", choices=gk.schedules.STRIDINGS)
+    p.add_argument("--striding", default="uniform", choices=STRIDINGS)
     p.add_argument("--steps-per-unit", type=float, default=50.0, help="RK4 steps per unit of log γ (default 50)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import genie_kernels as gk
-from genie_kernels import ext
-from genie_kernels.kernels.update import taylor_update_reference
+from genie_kernels.fast import ext
+from genie_kernels.fast.update import taylor_update_reference
 
 GAMMAS = torch.tensor([152.2, 40.0, 3.0, 0.5, 0.01], dtype=torch.float64)
 

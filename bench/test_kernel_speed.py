@@ -19,10 +19,10 @@ pytest.importorskip("triton")
 from cases import head_case, unet_and_head  # noqa: E402
 
 import genie_kernels as gk  # noqa: E402
-from genie_kernels.kernels.channels_last_cat import channels_last_cat, channels_last_cat_reference  # noqa: E402
-from genie_kernels.kernels.group_norm import group_norm_silu, group_norm_silu_reference  # noqa: E402
-from genie_kernels.kernels.head_blocks import fused_head_k  # noqa: E402
-from genie_kernels.kernels.update import taylor_update, taylor_update_reference  # noqa: E402
+from genie_kernels.fast.channels_last_cat import channels_last_cat, channels_last_cat_reference  # noqa: E402
+from genie_kernels.fast.group_norm import group_norm_silu, group_norm_silu_reference  # noqa: E402
+from genie_kernels.fast.head_blocks import fused_head_k  # noqa: E402
+from genie_kernels.fast.update import taylor_update, taylor_update_reference  # noqa: E402
 
 
 def timed(benchmark, fn):

@@ -1,19 +1,19 @@
 """genie_kernels: few-step diffusion sampling with GENIE (second-order Taylor + distilled head)."""
 
-from .adapters import HookedModel, UNet2DAdapter
-from .derivative import exact_deps_dgamma
 from .checkpoint import CheckpointError
-from .distill import DistillResult, NonFiniteLossError, distill, load_head
-from .graph import GenieSampler, GraphCaptureError
-from .ground_truth import ground_truth, ode_solution, rmse
-from .head import ConvHead, MLPHead, combine_mixed
-from .mixture import GaussianMixture, image_mixture, toy_2d
-from .models import EpsModel, ModelOutput, as_model
-from .pretrained import load_pretrained
+from .fast.graph import GenieSampler, GraphCaptureError
+from .heads.distill import DistillResult, NonFiniteLossError, distill, load_head
+from .heads.head import ConvHead, MLPHead, combine_mixed
+from .models.adapters import HookedModel, UNet2DAdapter
+from .models.mixture import GaussianMixture, image_mixture, toy_2d
+from .models.unet import UNet, load_pretrained_unet, load_unet
+from .ode.derivative import exact_deps_dgamma
+from .ode.ground_truth import ground_truth, ode_solution, rmse
+from .ode.protocol import EpsModel, ModelOutput, as_model
+from .ode.schedules import DiscreteVPSchedule, LinearVPSchedule, VPSchedule, time_grid
+from .ode.solvers import SolverOutput, ab2, ab3, ddim, genie, genie_exact
 from .sampling import sample
-from .schedules import DiscreteVPSchedule, LinearVPSchedule, VPSchedule, time_grid
-from .solvers import SolverOutput, ab2, ab3, ddim, genie, genie_exact
-from .unet import UNet, load_pretrained_unet, load_unet
+from .zoo.pretrained import load_pretrained
 
 __version__ = "0.1.0"
 
@@ -26,9 +26,8 @@ def backends() -> dict[str, tuple[bool, str]]:
     """
     import torch
 
-    from . import ext
-    from .graph import cuda_graph_status
-    from .kernels import triton_status
+    from .fast import ext, triton_status
+    from .fast.graph import cuda_graph_status
 
     return {
         "reference": (True, "pure PyTorch"),

@@ -5,36 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import solvers
-from .kernels.sampler import check_fused_solver, fused_supports
-from .schedules import DEFAULT_STRIDING, STRIDINGS, VPSchedule, check_steps, check_t_end, schedule_of, time_grid
+from .checks import check_noise
+from .fast.sampler import check_fused_solver, fused_supports
+from .ode import solvers
+from .ode.schedules import DEFAULT_STRIDING, STRIDINGS, VPSchedule, check_steps, check_t_end, schedule_of, time_grid
+from .ode.solvers import check_model_and_head
 
 BACKENDS = ("auto", "reference", "triton", "cpp", "cuda_graph")
-
-
-def check_noise(noise, finite: bool = True) -> None:
-    """A floating ``(batch, ...)`` tensor with batch >= 1; ``finite``: also free of NaN and inf
-    (one host sync)."""
-    if not isinstance(noise, Tensor):
-        raise TypeError(f"noise must be a torch.Tensor, got {type(noise).__name__}")
-    if not noise.is_floating_point():
-        raise TypeError(f"noise must have a floating dtype, got {noise.dtype}")
-    if noise.dim() < 2 or noise.shape[0] == 0:
-        raise ValueError(f"noise must be shaped (batch, ...) with batch >= 1, got shape {tuple(noise.shape)}")
-    if finite and not torch.isfinite(noise).all():
-        raise ValueError("noise contains NaN or inf")
-
-
-def check_model_and_head(model, solver: str, head) -> None:
-    """The checks of ``solver``, ``model`` and ``head`` that every sampling entry point makes."""
-    if solver not in solvers.SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; choose one of {tuple(solvers.SOLVERS)}")
-    if solver == "genie" and head is None:
-        raise ValueError("solver='genie' needs a distilled head (head=...); use solver='genie_exact' without one")
-    if solver != "genie" and head is not None:
-        raise ValueError(f"head= is only used by solver='genie', not {solver!r}")
-    if not callable(model):
-        raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
 
 
 def resolve_backend(backend: str, solver: str, head, noise: Tensor) -> str:
@@ -43,7 +20,7 @@ def resolve_backend(backend: str, solver: str, head, noise: Tensor) -> str:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "reference":
         return backend
-    from .kernels import triton_status
+    from .fast import triton_status
 
     if backend == "auto":
         fast = noise.is_cuda and fused_supports(solver, head) and triton_status(noise.device)[0]
@@ -52,11 +29,11 @@ def resolve_backend(backend: str, solver: str, head, noise: Tensor) -> str:
     if backend == "triton":
         usable, reason = triton_status(noise.device)
     elif backend == "cpp":
-        from .ext import status
+        from .fast.ext import status
 
         usable, reason = status()  # usable also where it can still be JIT-built
     else:
-        from .graph import cuda_graph_status
+        from .fast.graph import cuda_graph_status
 
         usable, reason = cuda_graph_status()
         if usable and not noise.is_cuda:
@@ -127,12 +104,12 @@ def sample(
         if chosen == "cuda_graph":
             if callback is not None:
                 raise ValueError("backend='cuda_graph' replays the whole loop at once and cannot call a callback")
-            from .graph import graph_solve
+            from .fast.graph import graph_solve
 
             out = solvers.SolverOutput(*graph_solve(solver, model, noise, steps, schedule, head, t_end=t_end,
                                                     striding=striding, afs=afs, denoise=denoise))
         elif chosen in ("triton", "cpp"):
-            from .kernels.sampler import fused_solve
+            from .fast.sampler import fused_solve
 
             out = fused_solve(chosen, solver, model, noise, ts, schedule, head, afs=afs, denoise=denoise,
                               callback=callback)

@@ -47,7 +47,7 @@ def one_thread():
 @pytest.fixture
 def cpp_extension():
     """Skips the test unless the C++ extension loads here (prebuilt, or JIT-built once)."""
-    from genie_kernels import ext
+    from genie_kernels.fast import ext
 
     try:
         ext.load()

@@ -7,7 +7,7 @@ import pytest
 
 import genie_kernels as gk
 from genie_kernels.checks import check_int
-from genie_kernels.mnist import load_mnist
+from genie_kernels.zoo.mnist.data import load_mnist
 
 
 @pytest.mark.parametrize("value", [0, 1, 7])

@@ -87,10 +87,10 @@ def test_steps_may_be_a_numpy_integer(mix, noise):
 
 
 def test_auto_picks_the_reference_for_cpu_noise_even_where_triton_runs_on_the_cpu(monkeypatch):
-    from genie_kernels import kernels
+    from genie_kernels import fast
     from genie_kernels.sampling import resolve_backend
 
-    monkeypatch.setattr(kernels, "triton_status", lambda device: (True, "usable"))  # as under TRITON_INTERPRET
+    monkeypatch.setattr(fast, "triton_status", lambda device: (True, "usable"))  # as under TRITON_INTERPRET
     assert resolve_backend("auto", "ddim", None, torch.zeros(1, 2)) == "reference"
 
 
@@ -243,7 +243,8 @@ def test_cli_sample_reports_bad_settings_in_one_line(argv, message, capsys, tmp_
     ("{tmp}/unsearchable/digits.png", "unsearchable: Permission denied"),
 ])
 def test_cli_sample_checks_the_output_path_before_sampling(out, message, tmp_path, capsys, monkeypatch):
-    from genie_kernels import cli, cli_sample
+    from genie_kernels import cli
+    from genie_kernels.cli import sample as cli_sample
     from genie_kernels.cli import main
 
     (tmp_path / "a_file").write_text("")
@@ -268,7 +269,8 @@ def test_cli_sample_checks_the_output_path_before_sampling(out, message, tmp_pat
 
 
 def test_cli_sample_refuses_a_solver_the_backend_cannot_run_before_any_work(tmp_path, capsys, monkeypatch):
-    from genie_kernels import cli_sample, ext
+    from genie_kernels.cli import sample as cli_sample
+    from genie_kernels.fast import ext
     from genie_kernels.cli import main
 
     monkeypatch.setattr(ext, "load", lambda *a, **k: pytest.fail("loaded the C++ op for a solver it cannot run"))
@@ -281,7 +283,8 @@ def test_cli_sample_refuses_a_solver_the_backend_cannot_run_before_any_work(tmp_
 
 
 def test_cli_sample_loads_the_cpp_op_before_the_clock_starts(tmp_path, capsys, monkeypatch):
-    from genie_kernels import cli_sample, ext
+    from genie_kernels.cli import sample as cli_sample
+    from genie_kernels.fast import ext
     from genie_kernels.cli import main
 
     events = []
@@ -295,7 +298,7 @@ def test_cli_sample_loads_the_cpp_op_before_the_clock_starts(tmp_path, capsys, m
 
 
 def test_cli_sample_names_the_path_it_cannot_write(tmp_path, capsys, monkeypatch):
-    from genie_kernels import cli_sample
+    from genie_kernels.cli import sample as cli_sample
     from genie_kernels.cli import main
 
     def disk_full(*args, **kwargs):
@@ -319,7 +322,7 @@ def test_cli_sample_says_what_it_runs_instead_of_what_was_asked(tmp_path, capsys
 
 
 def test_noise_of_another_dtype_than_the_weights_is_named_when_the_model_fails():
-    from genie_kernels.unet import UNet
+    from genie_kernels.models.unet import UNet
 
     torch.manual_seed(0)
     net = UNet(image_size=8, in_channels=1, channels=8, channel_mults=(1, 2), attn_resolutions=(), norm_groups=4)

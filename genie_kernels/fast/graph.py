@@ -1,0 +1,233 @@
+"""The whole sampling loop in one CUDA graph: :class:`GenieSampler` and ``backend="cuda_graph"``.
+
+At batch 1 a 10-step loop is a few hundred small kernels, and launching them from
+Python costs more than running them.  :class:`GenieSampler` runs the loop of
+:func:`genie_kernels.kernels.sampler.fused_loop` (network, head, fused update, for every
+step) once under ``torch.cuda.graph`` and afterwards replays the recorded graph: one
+launch per sample call, no Python per step and no host sync inside the replay.
+
+A graph is fixed to its inputs' addresses, so the sampler owns static buffers: each call
+copies the new noise into the input buffer, replays, and returns a clone of the output
+buffer.  The graph is keyed by (shape, dtype, device) of the noise; a call with another
+key captures a new graph (and frees the old one).  Solver, steps, schedule, grid, AFS
+and denoising are fixed at construction.
+
+Why the runner is Python over the C++ op, not C++: the network is the user's
+``nn.Module``, whose forward is Python; capturing it means running that Python once
+under capture.  A C++ runner could only hold TorchScript or AOT-compiled networks,
+which users of ``diffusers`` models do not have.  After capture nothing of Python
+remains in the hot path — the replay is one ``cudaGraphLaunch`` — so moving the runner
+to C++ would save nothing per call.  The C++ op (:mod:`genie_kernels.ext`) is the
+default update inside the graph where it is built; the Triton op otherwise.
+
+What cannot be captured: host syncs (``.item()``, ``float(tensor)``, printing a tensor,
+``torch.isfinite(x).all()`` checks), tensors made on the CPU and copied over inside the
+forward, and data-dependent control flow.  Capture then fails with
+:class:`GraphCaptureError`, which names these causes.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections import OrderedDict
+
+import torch
+from torch import Tensor
+
+from ..checks import check_noise
+from ..ode.protocol import EpsModel, ModelOutput, as_model
+from ..ode.schedules import (DEFAULT_STRIDING, SCHEDULE_MISMATCH, VPSchedule, check_steps, check_t_end, config_or_none,
+                             schedule_of, time_grid)
+from ..ode.solvers import check_model_and_head
+from .sampler import DeviceGrid, check_fused_solver, device_grid, eager_head_k, fused_loop
+
+UPDATES = ("auto", "cpp", "triton", "reference")
+# The eager warm-up before capture runs the loop's first steps only: they already launch every
+# kernel variant and shape of the whole loop (each update mode, the network, the head), so
+# kernels compile, cuDNN picks its algorithms and lazy CUDA set-up happens before recording.
+# kernels.compile_check.warmup_covers_loop checks the Triton part of that claim.
+WARMUP_STEPS = 2
+
+
+class GraphCaptureError(RuntimeError):
+    """The model (or head) did something that a CUDA graph cannot record."""
+
+
+def _resolve_update(update: str):
+    """The update function for ``update``; ``"auto"``: the C++ op if built, else Triton."""
+    if update not in UPDATES:
+        raise ValueError(f"unknown update {update!r}; choose one of {UPDATES}")
+    if update in ("auto", "cpp"):
+        from . import ext
+
+        if update == "cpp" or ext.status()[1] in ("loaded", "prebuilt"):
+            ext.load(build=update == "cpp")
+            return ext.taylor_update_cpp
+    if update in ("auto", "triton"):
+        from . import triton_status
+
+        usable, reason = triton_status("cuda")
+        if usable:
+            from .update import taylor_update
+
+            return taylor_update
+        if update == "triton":
+            raise ValueError(f"update='triton' is not available: {reason}")
+    from .update import taylor_update_reference
+
+    return taylor_update_reference
+
+
+def _resolve_head_k():
+    """The fused Triton head where Triton runs, else the eager ``predict_k``."""
+    from . import triton_status
+
+    if triton_status("cuda")[0]:
+        from .head_blocks import fused_head_k
+
+        return fused_head_k
+    return eager_head_k
+
+
+class _CompiledModel(EpsModel):
+    """``model`` with its forward compiled by ``torch.compile``; the user's object is untouched."""
+
+    def __init__(self, model: EpsModel):
+        super().__init__()
+        self.inner = model
+        self._forward = torch.compile(model.forward_features, dynamic=False)
+
+    def forward_features(self, x: Tensor, t: Tensor) -> ModelOutput:
+        return self._forward(x, t)
+
+
+class GenieSampler:
+    """Capture once, sample many times: the whole N-step loop as one CUDA graph.
+
+    Args:
+        model: the ε-network (an :class:`~genie_kernels.models.EpsModel` adapter or
+            ``eps_fn(x, t)``) on a CUDA device, in the dtype of the noise it will get.
+        steps, solver, head, schedule, t_end, striding, afs, denoise: as in
+            :func:`genie_kernels.sample` (the schedule defaults to ``model.schedule``
+            where the model has one); solver ``"ddim"``, ``"ab2"`` or ``"genie"``
+            (with a :class:`~genie_kernels.head.ConvHead`).
+        compile_model: ``torch.compile`` the network's forward (default mode, no graphs of
+            its own) before capture; the compiled kernels are then recorded in the graph.
+        update: ``"auto"`` (the C++ op where built, else Triton), ``"cpp"``, ``"triton"``
+            or ``"reference"``.
+        check_finite: refuse noise with NaN/inf (one host sync before the replay).
+
+    Call it with noise shaped ``(B, ...)`` on the model's device; it returns a new tensor.
+    ``capture_seconds`` is the time the last capture took, ``warmup_seconds`` the part of it
+    spent in the eager warm-up (the loop's first :data:`WARMUP_STEPS` steps: kernel
+    compilation, cuDNN plans, lazy CUDA set-up), and ``nfe`` the loop's network evaluations.
+    """
+
+    def __init__(self, model, steps: int, *, solver: str = "genie", head=None, schedule: VPSchedule | None = None,
+                 t_end: float = 1e-3, striding: str = DEFAULT_STRIDING, afs: bool = False, denoise: bool = False,
+                 compile_model: bool = False, update: str = "auto", check_finite: bool = True):
+        check_steps(steps)
+        check_t_end(t_end)
+        check_model_and_head(model, solver, head)
+        check_fused_solver(solver, head, "GenieSampler", instead="gk.sample(..., backend='reference')")
+        self.model = as_model(model)
+        if compile_model:
+            self.model = _CompiledModel(self.model)
+        self.solver, self.steps, self.head, self.afs, self.denoise = solver, steps, head, afs, denoise
+        self.schedule = schedule_of(model, schedule)
+        self.ts = time_grid(self.schedule, steps, t_end, striding)
+        self.update = _resolve_update(update)
+        self.head_k = _resolve_head_k()
+        self.check_finite = check_finite
+        self.key = None
+        self.nfe = float("nan")
+        self.capture_seconds = self.warmup_seconds = float("nan")
+        self._graph = self._out = self._noise = self._grid = None
+
+    def _loop(self, noise: Tensor, grid: DeviceGrid):
+        return fused_loop(self.solver, self.model, noise, grid, self.head, update=self.update,
+                          head_k=self.head_k, afs=self.afs, denoise=self.denoise)
+
+    def capture(self, noise: Tensor) -> None:
+        """Record the loop for noise of this shape, dtype and device (called by ``__call__``)."""
+        if not noise.is_cuda:
+            raise ValueError(f"GenieSampler captures CUDA graphs; the noise is on {noise.device}")
+        self._graph = self._out = None  # frees the previous graph's memory pool before the new capture
+        start = time.perf_counter()
+        self._noise = noise.detach().clone()
+        self._grid = grid = device_grid(self.ts, self.schedule, noise)  # the graph reads it: kept alive
+        side = torch.cuda.Stream(noise.device)
+        side.wait_stream(torch.cuda.current_stream(noise.device))
+        with torch.no_grad(), torch.cuda.stream(side):  # warm-up: compile kernels, pick cuDNN algorithms
+            self._loop(self._noise, grid.first_steps(min(self.steps, WARMUP_STEPS)))
+        torch.cuda.current_stream(noise.device).wait_stream(side)
+        torch.cuda.synchronize(noise.device)
+        self.warmup_seconds = time.perf_counter() - start
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.no_grad(), torch.cuda.graph(graph):
+                self._out, self.nfe = self._loop(self._noise, grid)
+        except RuntimeError as err:
+            self.key = None
+            raise GraphCaptureError(
+                "the sampling loop could not be captured in a CUDA graph: the model or head did something a graph "
+                "cannot record — a host sync (.item(), float(tensor), printing a tensor, a NaN check with .all()), "
+                "a tensor made on the CPU inside forward, or data-dependent control flow. Use backend='triton' or "
+                f"'reference' for this model. CUDA said: {str(err).strip().splitlines()[0]}") from err
+        torch.cuda.synchronize(noise.device)
+        self._graph = graph
+        self.key = (tuple(noise.shape), noise.dtype, noise.device)
+        self.capture_seconds = time.perf_counter() - start
+
+    def __call__(self, noise: Tensor) -> Tensor:
+        check_noise(noise, finite=self.check_finite)
+        if (tuple(noise.shape), noise.dtype, noise.device) != self.key:
+            self.capture(noise)
+        self._noise.copy_(noise)
+        self._graph.replay()
+        return self._out.clone()
+
+
+CACHE_SIZE = 8  # captured samplers kept by backend="cuda_graph"; each holds a graph and its buffers
+_SAMPLERS: "OrderedDict[tuple, GenieSampler]" = OrderedDict()
+
+
+def clear_cache() -> None:
+    """Free the graphs that ``backend="cuda_graph"`` keeps (they also keep their models alive)."""
+    _SAMPLERS.clear()
+
+
+def _schedule_key(schedule: VPSchedule) -> tuple:
+    """A hashable stand-in for ``schedule.config()`` (whose lists become tuples), cheap on every call."""
+    config = config_or_none(schedule)
+    if config is None:
+        return ("id", id(schedule))
+    return tuple((name, tuple(value) if isinstance(value, list) else value) for name, value in sorted(config.items()))
+
+
+def graph_solve(solver: str, model, noise: Tensor, steps: int, schedule: VPSchedule, head, *, t_end: float,
+                striding: str, afs: bool, denoise: bool) -> tuple[Tensor, float]:
+    """``sample(..., backend="cuda_graph")``: a cached :class:`GenieSampler` per model and settings.
+
+    The cache keeps the last :data:`CACHE_SIZE` samplers (least recently used out first);
+    its entries refer to their model and head, so :func:`clear_cache` frees them.
+    """
+    key = (id(model), id(head), solver, steps, _schedule_key(schedule), t_end, striding, afs, denoise)
+    sampler = _SAMPLERS.pop(key, None)
+    if sampler is None:
+        with warnings.catch_warnings():  # sample() has warned about a schedule that is not the model's
+            warnings.filterwarnings("ignore", message=".*" + SCHEDULE_MISMATCH)
+            sampler = GenieSampler(model, steps, solver=solver, head=head, schedule=schedule, t_end=t_end,
+                                   striding=striding, afs=afs, denoise=denoise, check_finite=False)
+        sampler.source = model  # keeps id(model) from being reused while the entry lives
+    _SAMPLERS[key] = sampler
+    while len(_SAMPLERS) > CACHE_SIZE:
+        _SAMPLERS.popitem(last=False)
+    return sampler(noise), sampler.nfe
+
+
+def cuda_graph_status() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "CUDA is not available"
+    return True, "CUDA graphs on " + torch.cuda.get_device_name()

@@ -1,0 +1,120 @@
+"""The solver loop on fused kernels: ``sample(..., backend="triton" | "cpp" | "cuda_graph")``.
+
+Same trajectory as the reference solvers in :mod:`genie_kernels.solvers`; each step is
+one network call, (for GENIE) the head's raw output k, and one fused update that writes
+both x̄ and the next network input.  The γ grid and the model's times live on the
+device, so the loop never reads a value back to the host and can be captured whole in a
+CUDA graph (:mod:`genie_kernels.graph`).  The state x̄ is kept in float32 (float64 for
+float64 noise) whatever the network's dtype.
+
+The update and the head are parameters: the Triton op with the fused head
+(``backend="triton"``), the C++ op of :mod:`genie_kernels.ext` (``backend="cpp"``), or
+either inside the graph runner.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..heads.head import ConvHead
+from ..ode.protocol import EpsModel, as_model, checked_call, state_dtype
+from ..ode.schedules import VPSchedule
+from ..ode.solvers import Callback, SolverOutput, analytic_eps
+
+SOLVERS = ("ddim", "ab2", "genie")  # genie with a ConvHead
+
+Update = Callable[..., tuple[Tensor, Tensor]]  # (xbar, eps, gammas, step, mode, aux) -> (xbar, x)
+HeadK = Callable[..., Tensor]                   # (head, x, model_output, gamma) -> k
+
+
+class DeviceGrid(NamedTuple):
+    """The time grid on the model's device: γ_n (float64) and t_n (the noise's dtype)."""
+
+    gammas: Tensor
+    times: Tensor
+
+    def first_steps(self, steps: int) -> "DeviceGrid":
+        """The grid of the first ``steps`` steps (views of this one, at its addresses)."""
+        return DeviceGrid(self.gammas[: steps + 1], self.times[: steps + 1])
+
+
+def device_grid(ts: Tensor, schedule: VPSchedule, noise: Tensor) -> DeviceGrid:
+    gammas = schedule.gamma(ts.to(torch.float64)).to(noise.device)
+    return DeviceGrid(gammas, ts.to(device=noise.device, dtype=noise.dtype))
+
+
+def fused_supports(solver: str, head) -> bool:
+    """Whether the fused loop runs ``solver`` with ``head`` (ddim, ab2, genie with a ConvHead)."""
+    return solver in SOLVERS and (solver != "genie" or isinstance(head, ConvHead))
+
+
+def check_fused_solver(solver: str, head, runner: str, instead: str = "backend='reference'") -> None:
+    """Refuse what the fused loops cannot run; ``runner`` names the caller (``"backend='cpp'"``)."""
+    if not fused_supports(solver, head):
+        raise ValueError(f"{runner} runs ddim, ab2 and genie with a ConvHead, not solver={solver!r}"
+                         f"{'' if head is None else f' with {type(head).__name__}'}; use {instead}")
+
+
+def eager_head_k(head: ConvHead, x: Tensor, out, gamma: Tensor) -> Tensor:
+    return head.predict_k(x, out, gamma)
+
+
+def fused_loop(
+    solver: str, model: EpsModel, noise: Tensor, grid: DeviceGrid, head, *, update: Update, head_k: HeadK,
+    afs: bool = False, denoise: bool = False, ts: Tensor | None = None, callback: Callback = None,
+) -> SolverOutput:
+    """Run the solver loop with the given ``update`` and ``head_k``; no host syncs.
+
+    ``ts`` (the host copy of the grid) is only needed for the callback's ``"t"``.
+    """
+    gammas, times = grid
+    batch, steps = noise.shape[0], gammas.numel() - 1
+    wide = state_dtype(noise.dtype)
+    xbar = (noise.to(wide) * torch.sqrt(1.0 + gammas[0] ** 2).to(wide)).contiguous()
+    x, eps_prev, nfe = noise.contiguous(), None, 0.0
+    for n in range(steps):
+        aux, mode = None, "ddim"
+        if afs and n == 0:
+            eps = analytic_eps(x, gammas[0]).contiguous()
+        else:
+            out = checked_call(model, x, times[n].expand(batch))
+            eps, nfe = out.eps.contiguous(), nfe + 1
+            if solver == "genie":
+                aux, mode = head_k(head, x, out, gammas[n].expand(batch)).to(eps.dtype).contiguous(), "genie"
+                nfe += float(getattr(head, "nfe_overhead", 0.0))
+        if solver == "ab2" and eps_prev is not None:
+            aux, mode = eps_prev, "ab2"
+        xbar, x = update(xbar, eps, gammas, n, mode, aux)
+        eps_prev = eps
+        if callback is not None:
+            callback({"i": n, "t": float(ts[n + 1]), "x": x, "eps": eps})
+    if denoise:
+        eps = checked_call(model, x, times[steps].expand(batch)).eps
+        return SolverOutput((xbar - gammas[steps].to(wide) * eps.to(wide)).to(noise.dtype), nfe + 1)
+    return SolverOutput(x, nfe)
+
+
+def _update_and_head(backend: str) -> tuple[Update, HeadK]:
+    if backend == "triton":
+        from .head_blocks import fused_head_k
+        from .update import taylor_update
+
+        return taylor_update, fused_head_k
+    from .ext import taylor_update_cpp
+
+    return taylor_update_cpp, eager_head_k
+
+
+def fused_solve(
+    backend: str, solver: str, model, noise: Tensor, ts: Tensor, schedule: VPSchedule, head=None,
+    *, afs: bool = False, denoise: bool = False, callback: Callback = None,
+) -> SolverOutput:
+    """``backend="triton"`` (the Triton update and the Triton-fused head) or ``"cpp"`` (the
+    C++ update op, CPU or CUDA, and the eager head)."""
+    check_fused_solver(solver, head, f"backend={backend!r}")
+    update, head_k = _update_and_head(backend)
+    return fused_loop(solver, as_model(model), noise, device_grid(ts, schedule, noise), head,
+                      update=update, head_k=head_k, afs=afs, denoise=denoise, ts=ts, callback=callback)

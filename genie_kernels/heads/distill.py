@@ -1,0 +1,539 @@
+"""Distillation of the curvature head: teach k_ψ the exact dε/dγ of a frozen ε-network.
+
+Each step draws a batch from the training data and noise levels, and regresses the
+head onto the exact derivative (forward-mode AD through the frozen network, see
+:mod:`.derivative`):
+
+    t ~ U[t_eps, 1],   z ~ N(0, I),   x_t = α_t x_0 + σ_t z,   γ = σ_t / α_t,
+    loss = mean over the batch of  γ² · Σ_pixels (k_ψ(x_t, ε, features, temb, γ) − dε/dγ)².
+
+Adam with gradient-norm clipping and an optional exponential moving average (EMA)
+of the weights.  Periodically the head is validated on held-out samples: the relative
+L2 error ``‖k_ψ − dε/dγ‖ / ‖dε/dγ‖`` per bucket of t.
+
+Checkpoints (:func:`genie_kernels.checkpoint.save_checkpoint`, atomic) hold the head,
+its EMA, Adam's state, the random generator's state and the loss history; their config
+holds the head's hyper-parameters, the schedule, the base model's identity and the
+training settings.  ``resume=True`` continues from the checkpoint and reproduces the
+uninterrupted run exactly: every random draw comes from one generator whose state is
+saved.  A non-finite loss stops the run with :class:`NonFiniteLossError`, naming the
+step; the last checkpoint written before it stays as it was.
+
+Data parallel: inside a ``torch.distributed`` process group (``torchrun``; gloo on the
+CPU, NCCL on GPUs) the head is wrapped in DistributedDataParallel.  Every rank draws
+the same *global* batch from the same generator and keeps its own slice of it, so with
+W processes each computes the targets of ``batch_size / W`` samples, and the averaged
+gradient equals that of one process on the whole batch.  Rank 0 validates and writes
+the checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..checkpoint import (CheckpointError, load_checkpoint, load_module_tensors, read_config, restore_training,
+                          save_checkpoint, training_tensors)
+from ..checks import check_int
+from ..ode.derivative import exact_deps_dgamma
+from ..ode.protocol import ModelOutput, as_model, checked_call
+from ..ode.schedules import VPSchedule, schedule_of
+from .head import head_from_config, measure_nfe_overhead
+
+FORMAT = "genie_kernels.head/1"
+LR_SCHEDULES = ("constant", "cosine")
+
+Sampler = Callable[[int, torch.Generator], Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The distillation loss became NaN or infinite."""
+
+
+class DistillResult(NamedTuple):
+    head: nn.Module          # the head to sample with: the EMA copy if ema_decay > 0
+    losses: list             # loss of every step from step 1 (also those before a resume)
+    validation: list         # [{"step", "buckets": [{"t_min", "t_max", "rel_err"}]}] (rank 0)
+    step: int                # steps completed
+
+
+# -- identities and data ---------------------------------------------------------------------
+
+# The modules this package's models were defined in when heads began to record the identity
+# of their model.  Identities keep those names, so that the heads distilled before the
+# package was split into layers (the bundled MNIST head among them) still load.
+IDENTITY_MODULES = {"genie_kernels.models.unet": "genie_kernels.unet",
+                    "genie_kernels.models.adapters": "genie_kernels.adapters",
+                    "genie_kernels.models.mixture": "genie_kernels.mixture",
+                    "genie_kernels.ode.protocol": "genie_kernels.models"}
+
+
+def _qualified_name(module: str, qualname: str) -> str:
+    return f"{IDENTITY_MODULES.get(module, module)}.{qualname}"
+
+
+def model_identity(model) -> dict:
+    """What a head is tied to: the model's class and a SHA-256 of its weights and buffers.
+
+    A model may define ``identity() -> dict`` to replace this.  Weights are hashed as
+    float64 values, so the identity does not depend on the dtype the model runs in.
+    """
+    custom = getattr(model, "identity", None)
+    if callable(custom):
+        return dict(custom())
+    cls = type(model)
+    identity = {"class": _qualified_name(cls.__module__, cls.__qualname__)}
+    for attr in ("network", "eps_fn"):  # what an adapter wraps
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            identity[attr] = _qualified_name(type(inner).__module__, type(inner).__qualname__)
+        elif callable(inner):
+            identity[attr] = _qualified_name(getattr(inner, "__module__", ""),
+                                             getattr(inner, "__qualname__", type(inner).__qualname__))
+    digest = hashlib.sha256()
+    if isinstance(model, nn.Module):
+        for name, tensor in sorted(model.state_dict().items()):
+            value = tensor.detach().to("cpu", torch.float64).contiguous()
+            digest.update(f"{name}:{tuple(value.shape)};".encode())
+            digest.update(value.numpy().tobytes())
+    identity["sha256"] = digest.hexdigest()
+    return identity
+
+
+def data_sampler(data) -> Sampler:
+    """``data`` as a function ``(n, generator) -> x_0``.
+
+    Accepts a tensor of training samples ``(N, ...)`` (drawn with replacement), an object
+    with ``sample_data(n, generator)`` (e.g. a :class:`~genie_kernels.mixture.GaussianMixture`)
+    or such a function itself.
+    """
+    if isinstance(data, Tensor):
+        if data.dim() < 2 or data.shape[0] < 1:
+            raise ValueError(f"training data must be shaped (N, ...) with N >= 1, got {tuple(data.shape)}")
+        if not data.is_floating_point():
+            raise TypeError(f"training data must be floating point, got {data.dtype}")
+        if not torch.isfinite(data).all():
+            raise ValueError("training data contains NaN or inf")
+        return lambda n, gen: data[torch.randint(data.shape[0], (n,), generator=gen).to(data.device)]
+    if hasattr(data, "sample_data"):
+        return data.sample_data
+    if callable(data):
+        return data
+    raise TypeError(f"data must be a tensor, have sample_data(n, generator), or be callable, got {type(data).__name__}")
+
+
+def hold_out(data, val_size: int):
+    """``(training data, validation data)``: from a tensor its last ``val_size`` rows are held
+    out (validation draws them without replacement); other data serves both."""
+    if not isinstance(data, Tensor) or not val_size:
+        return data, data
+    if data.shape[0] <= val_size:
+        raise ValueError(f"{data.shape[0]} training samples cannot spare {val_size} for validation")
+    held_out = data[-val_size:]
+
+    def draw_held_out(n: int, gen: torch.Generator) -> Tensor:
+        return held_out[torch.randperm(held_out.shape[0], generator=gen)[:n].to(held_out.device)]
+
+    return data[:-val_size], draw_held_out
+
+
+def learning_rate(lr: float, lr_schedule: str, step: int, steps: int) -> float:
+    """The learning rate of (1-based) ``step``: ``lr``, or with ``"cosine"``
+    ``lr · ½(1 + cos(π (step−1)/steps))``, which reaches 0 at ``steps + 1``."""
+    if lr_schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / steps))
+    return lr
+
+
+def probe_model(model, sample_x0: Sampler, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ModelOutput]:
+    """Two training samples and the model's output on them at t = 0.5, drawn with their own
+    generator (the training draws are unchanged): data the model cannot take is named here,
+    before any checkpoint, instead of failing inside the first step."""
+    x0 = sample_x0(2, torch.Generator().manual_seed(0)).to(device, dtype)
+    t = torch.full((2,), 0.5, dtype=dtype, device=device)
+    try:
+        with torch.no_grad():
+            return x0, checked_call(model, x0, t)
+    except (RuntimeError, ValueError) as err:  # a network's shape error, or a model's own check
+        raise ValueError(f"the model cannot take the training data (samples shaped {tuple(x0.shape[1:])}): "
+                         f"{str(err).splitlines()[0]}") from err
+
+
+def noisy_batch(sample_x0: Sampler, gen: torch.Generator, batch: int, schedule: VPSchedule,
+                t_min: float, t_max: float) -> tuple[Tensor, Tensor]:
+    """``(x_t, γ)`` in float64 with ``t ~ U[t_min, t_max]``, all drawn from ``gen``."""
+    x0 = sample_x0(batch, gen).to("cpu", torch.float64)
+    t = t_min + (t_max - t_min) * torch.rand(batch, generator=gen, dtype=torch.float64)
+    z = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    x_t = schedule.alpha(t).view(shape) * x0 + schedule.sigma(t).view(shape) * z
+    return x_t, schedule.gamma(t)
+
+
+def weighted_loss(pred: Tensor, target: Tensor, gamma: Tensor) -> Tensor:
+    """``mean_b γ_b² Σ_pixels (pred − target)²``."""
+    g2 = gamma.to(pred.dtype).square()
+    return (g2 * (pred - target).square().reshape(pred.shape[0], -1).sum(1)).mean()
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+class ValidationBucket(NamedTuple):
+    t_min: float
+    t_max: float
+    x: Tensor
+    out: object   # ModelOutput
+    gamma: Tensor
+    target: Tensor
+
+
+def validation_set(model, data, schedule: VPSchedule, size: int = 64, buckets: int = 5, t_eps: float = 1e-3,
+                   seed: int = 0, dtype=torch.float32, device="cpu") -> list[ValidationBucket]:
+    """Held-out ``(x_t, model output, γ, exact dε/dγ)`` for ``buckets`` equal intervals of t in [t_eps, 1]."""
+    model, sample_x0 = as_model(model), data_sampler(data)
+    gen = torch.Generator().manual_seed(seed)
+    edges = torch.linspace(t_eps, 1.0, buckets + 1, dtype=torch.float64).tolist()
+    result = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        x, gamma = noisy_batch(sample_x0, gen, size, schedule, lo, hi)
+        x = x.to(device, dtype)
+        with torch.no_grad():
+            out, target = exact_deps_dgamma(model, x, gamma.to(device), schedule)
+        result.append(ValidationBucket(lo, hi, x, out, gamma.to(device), target))
+    return result
+
+
+@torch.no_grad()
+def relative_errors(head, buckets: list[ValidationBucket]) -> list[dict]:
+    """Per bucket, ``sqrt(Σ ‖k_ψ − dε/dγ‖² / Σ ‖dε/dγ‖²)`` over its samples."""
+    rows = []
+    for b in buckets:
+        pred = head(b.x, b.out, b.gamma).to(torch.float64)
+        target = b.target.to(torch.float64)
+        err = float((pred - target).square().sum().sqrt() / target.square().sum().sqrt().clamp_min(1e-300))
+        rows.append({"t_min": b.t_min, "t_max": b.t_max, "rel_err": err})
+    return rows
+
+
+def format_validation(step: int, rows: list[dict]) -> str:
+    cells = "  ".join(f"t∈[{r['t_min']:.3f},{r['t_max']:.3f}]: {r['rel_err']:.4f}" for r in rows)
+    return f"step {step} relative error of dε/dγ  {cells}"
+
+
+# -- checkpoints -----------------------------------------------------------------------------
+
+
+def _run_state(head: nn.Module, ema_head: nn.Module | None) -> dict:
+    """Where :func:`~genie_kernels.checkpoint.training_tensors` puts a distillation's state
+    (the names existing checkpoints use)."""
+    modules = {"head.": head} if ema_head is None else {"head.": head, "ema.": ema_head}
+    return dict(modules=modules, optimizer_prefix="optim.", rng_key="rng")
+
+
+def load_head(path, model=None, use_ema: bool = True, device=None) -> nn.Module:
+    """Load a distilled head from a checkpoint written by :func:`distill`.
+
+    The head is rebuilt from the stored config (and takes the stored weights' dtype).
+    With ``model``, the checkpoint's base-model identity must match it
+    (:func:`model_identity`).  ``use_ema`` picks the EMA weights when the run kept them.
+    Raises :class:`~genie_kernels.checkpoint.CheckpointError` for a missing, corrupt,
+    truncated or foreign file, or one made for another model.
+    """
+    config = read_config(path)
+    if config.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a head checkpoint (format {config.get('format')!r}, expected {FORMAT!r})")
+    if model is not None:
+        identity = model_identity(as_model(model))
+        if config.get("base_model") != identity:
+            raise CheckpointError(f"the head in {path} was distilled for the model {config.get('base_model')}, "
+                                  f"not for the given one {identity}")
+    tensors, config = load_checkpoint(path)
+    try:
+        head = head_from_config(config["head"])
+    except (KeyError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has an unusable head config: {err}") from err
+    prefix = "ema." if use_ema and config.get("ema") else "head."
+    dtype = getattr(torch, str(config.get("training", {}).get("dtype", "float32")).replace("torch.", ""))
+    head.to(dtype=dtype)
+    load_module_tensors(head, tensors, prefix, path)
+    head.nfe_overhead = float(config.get("nfe_overhead", 0.0))
+    if device is not None:
+        head.to(device)
+    return head.eval().requires_grad_(False)
+
+
+# -- the training loop -----------------------------------------------------------------------
+
+
+def _check_settings(*, steps, batch_size, lr, lr_schedule, grad_clip, t_eps, ema_decay, checkpoint_every,
+                    validate_every, val_size, val_buckets, out, resume, world, time_limit) -> None:
+    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("checkpoint_every", checkpoint_every, 0),
+                             ("validate_every", validate_every, 0), ("val_size", val_size, 0),
+                             ("val_buckets", val_buckets, 1)):
+        check_int(name, value, low)
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {LR_SCHEDULES}")
+    if not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
+        raise ValueError(f"grad_clip must be a positive number, got {grad_clip!r}")
+    if not (isinstance(t_eps, (int, float)) and 0.0 < t_eps < 1.0):
+        raise ValueError(f"t_eps must lie in (0, 1), got {t_eps!r}")
+    if not (isinstance(ema_decay, (int, float)) and 0.0 <= ema_decay < 1.0):
+        raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
+    if batch_size % world:
+        raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
+    if checkpoint_every and out is None:
+        raise ValueError("checkpoint_every needs an output path (out=...)")
+    if resume and out is None:
+        raise ValueError("resume=True needs the checkpoint path (out=...)")
+    if out is not None and Path(out).suffix != ".safetensors":
+        raise ValueError(f"the checkpoint path must end in .safetensors, got {out}")
+    if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
+        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
+
+
+def check_new_output(out, resume: bool, *, resume_option: str = "resume=True") -> None:
+    """Refuse to train over an existing checkpoint unless resuming it; ``resume_option`` is
+    how the caller spells the way to resume (the command line says ``--resume``)."""
+    if out is not None and Path(out).exists() and not resume:
+        raise FileExistsError(f"{out} exists; pass {resume_option} to continue that run, or choose another path")
+
+
+def distill(
+    model,
+    head: nn.Module,
+    data,
+    schedule: VPSchedule | None = None,
+    *,
+    steps: int = 1000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    lr_schedule: str = "constant",
+    grad_clip: float = 1.0,
+    t_eps: float = 1e-3,
+    ema_decay: float = 0.0,
+    seed: int = 0,
+    out=None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    validate_every: int = 0,
+    val_size: int = 64,
+    val_buckets: int = 5,
+    progress: bool = True,
+    callback: Optional[Callable[[int, float], None]] = None,
+    time_limit: float | None = None,
+) -> DistillResult:
+    """Distil ``head`` onto the exact dε/dγ of the frozen ``model`` (see the module docstring).
+
+    Args:
+        model: ε-network (an :class:`~genie_kernels.models.EpsModel` adapter or ``eps_fn``);
+            never updated.
+        head: the head to train, in place (its parameters' dtype and device are used).
+        data: training data x_0 — a tensor ``(N, ...)``, an object with ``sample_data``,
+            or ``fn(n, generator)``.  From a tensor the last ``val_size`` rows are held out.
+        schedule: noise schedule; default ``model.schedule`` if it has one, else linear VP.
+        steps: total optimizer steps (when resuming, the run continues up to this count).
+        batch_size: global batch (split evenly across DDP processes).
+        lr, grad_clip: Adam learning rate and gradient-norm clip (the published CIFAR-10
+            recipe: lr 5e-5, clip 1, batch 16, 20k steps, one residual block, nf 128).
+        lr_schedule: ``"constant"`` or ``"cosine"`` (``lr · ½(1 + cos(π (s−1)/steps))`` at
+            step s, from ``lr`` down towards 0; see :func:`learning_rate`); with ``"cosine"``
+            ``steps`` belongs to the run's configuration.
+        t_eps: smallest training time.
+        ema_decay: EMA decay of the weights (0: no EMA).
+        seed: seed of the one generator behind every training draw.
+        out: checkpoint path (``.safetensors``), written every ``checkpoint_every`` steps
+            and at the end.
+        resume: continue from ``out`` if it exists (it must come from the same
+            configuration).  Without ``resume`` an existing ``out`` is an error.
+        validate_every: validate every so many steps (0: only at the end).
+        val_size, val_buckets: held-out samples per t-bucket and number of buckets
+            (``val_size=0``: no validation).
+        progress: show a progress bar with the loss and the speed, and the validation
+            reports (rank 0).
+        callback: ``callback(step, loss)`` after every step.
+        time_limit: stop after this many seconds of training (checked after each step);
+            the run then ends as if ``steps`` were reached — validation, the head's cost,
+            the checkpoint — and ``resume=True`` continues it later.  With the cosine
+            schedule the learning rate is where step ``s`` of ``steps`` puts it.
+
+    Returns:
+        :class:`DistillResult`.  At the end the head's cost relative to one network call is
+        measured (on a validation batch, or without validation on a batch of ``batch_size``)
+        and stored as ``head.nfe_overhead`` and in the checkpoint, from which a resume
+        restores it, so ``genie`` counts it in the NFE.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    _check_settings(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, grad_clip=grad_clip,
+                    t_eps=t_eps, ema_decay=ema_decay, checkpoint_every=checkpoint_every, validate_every=validate_every,
+                    val_size=val_size, val_buckets=val_buckets, out=out, resume=resume, world=world,
+                    time_limit=time_limit)
+    if not isinstance(head, nn.Module) or not hasattr(head, "config"):
+        raise TypeError(f"head must be a head module with config(), got {type(head).__name__}")
+    model = as_model(model)
+    schedule = schedule_of(model, schedule)
+    out = Path(out) if out is not None else None
+    check_new_output(out, resume)
+
+    param = next(head.parameters())
+    dtype, device = param.dtype, param.device
+    data, val_data = hold_out(data, val_size)
+    sample_x0 = data_sampler(data)
+    probe, probe_out = probe_model(model, sample_x0, dtype, device)
+    if hasattr(head, "check_inputs"):
+        head.check_inputs(probe, probe_out)
+
+    training = {"batch_size": batch_size, "lr": float(lr), "grad_clip": float(grad_clip), "t_eps": float(t_eps),
+                "ema_decay": float(ema_decay), "seed": seed, "dtype": str(dtype).replace("torch.", ""),
+                "val_size": val_size, "val_buckets": val_buckets, "lr_schedule": lr_schedule}
+    if lr_schedule == "cosine":
+        training["steps"] = steps
+    expect = {"format": FORMAT, "head": head.config(), "schedule": schedule.config(),
+              "base_model": model_identity(model), "training": training}
+
+    params = [p for p in head.parameters()]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    ema_head = copy.deepcopy(head).requires_grad_(False) if ema_decay else None
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    validation: list[dict] = []
+    start = 0
+
+    if resume and out is not None and out.exists():
+        tensors, config = load_checkpoint(out, expect=expect)
+        start = int(config["step"])
+        losses = restore_training(tensors, out, start, optimizer, gen, **_run_state(head, ema_head))
+        validation = list(config.get("validation", []))
+        head.nfe_overhead = float(config.get("nfe_overhead", 0.0))  # measured when that run finished
+        if ema_head is not None:
+            ema_head.nfe_overhead = head.nfe_overhead
+
+    def save(step: int) -> None:
+        if out is None or rank != 0:
+            return
+        tensors = training_tensors(optimizer, gen, losses, **_run_state(head, ema_head))
+        config = dict(expect, step=step, ema=ema_head is not None, validation=validation,
+                      nfe_overhead=float(getattr(head, "nfe_overhead", 0.0)))
+        save_checkpoint(out, tensors, config)
+
+    val_buckets_data = None
+    if val_size and rank == 0:
+        val_buckets_data = validation_set(model, val_data, schedule, val_size, val_buckets, t_eps,
+                                          seed=seed + 1, dtype=dtype, device=device)
+
+    def validate(step: int, bar) -> None:
+        if val_buckets_data is None:
+            return
+        final = ema_head if ema_head is not None else head
+        was_training = final.training
+        rows = relative_errors(final.eval(), val_buckets_data)
+        final.train(was_training)
+        validation.append({"step": step, "buckets": rows})
+        if progress:
+            bar.write(format_validation(step, rows))
+
+    def measure_overhead() -> None:
+        """Set ``head.nfe_overhead`` to the head's cost relative to one network call (rank 0),
+        on the first validation bucket or, without validation, on a batch of its own."""
+        if rank != 0:
+            return
+        if val_buckets_data is not None:
+            x, gamma = val_buckets_data[0].x, val_buckets_data[0].gamma
+        else:  # its own generator: the training draws stay as they were
+            x, gamma = noisy_batch(sample_x0, torch.Generator().manual_seed(seed + 2), batch_size, schedule, t_eps, 1.0)
+            x, gamma = x.to(device, dtype), gamma.to(device)
+        t = schedule.t_from_gamma(gamma.to(torch.float64)).to(x.dtype)
+        final = ema_head if ema_head is not None else head
+        head.nfe_overhead = measure_nfe_overhead(final, model, x, t, gamma)
+        final.nfe_overhead = head.nfe_overhead
+
+    train_head = head
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        train_head = nn.parallel.DistributedDataParallel(head, device_ids=ids)
+    local = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    last = start
+    head.train()
+    bar = tqdm(total=steps, initial=start, desc="distill", unit="it", disable=not progress or rank != 0)
+    try:
+        for step in range(start + 1, steps + 1):
+            x_t, gamma = noisy_batch(sample_x0, gen, batch_size, schedule, t_eps, 1.0)
+            x_t, gamma = x_t[local].to(device, dtype), gamma[local].to(device)
+            with torch.no_grad():
+                model_out, target = exact_deps_dgamma(model, x_t, gamma, schedule)
+            loss = weighted_loss(train_head(x_t, model_out, gamma), target, gamma)
+            global_loss = loss.detach().clone()
+            if world > 1:
+                dist.all_reduce(global_loss)
+                global_loss /= world
+            value = float(global_loss)
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"distillation loss is {value} at step {step}; stopped, {_kept(out)}")
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(lr, lr_schedule, step, steps)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(nn.utils.clip_grad_norm_(params, grad_clip))
+            if not math.isfinite(grad_norm):
+                raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}; stopped, {_kept(out)}")
+            optimizer.step()
+            if ema_head is not None:
+                with torch.no_grad():
+                    for e, p in zip(ema_head.parameters(), params):
+                        e.mul_(ema_decay).add_(p, alpha=1.0 - ema_decay)
+            losses.append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+            if validate_every and step % validate_every == 0 and step != steps:
+                validate(step, bar)
+            if checkpoint_every and step % checkpoint_every == 0 and step != steps:
+                save(step)
+            if callback is not None:
+                callback(step, value)
+            last = step
+            if deadline is not None and step != steps and _any_rank(time.monotonic() > deadline, device, world):
+                bar.write(f"time limit of {time_limit:.0f} s reached at step {step}; resume to continue")
+                break
+        if start < last:
+            validate(last, bar)
+            measure_overhead()
+            save(last)
+    finally:
+        bar.close()
+    if world > 1:
+        dist.barrier()
+    final = ema_head if ema_head is not None else head
+    return DistillResult(final.eval(), losses, validation, last)
+
+
+def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    """``flag`` or-ed over the DDP ranks, so that they all stop at the same step."""
+    if world == 1:
+        return flag
+    value = torch.tensor(float(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _kept(path: Path | None) -> str:
+    """Where the last good checkpoint is, for error messages."""
+    if path is None or not path.exists():
+        return "no checkpoint was written"
+    try:
+        step = int(read_config(path)["step"])
+    except (CheckpointError, KeyError, ValueError):
+        step = "unknown"
+    return f"the last good checkpoint (step {step}) is kept at {path}"

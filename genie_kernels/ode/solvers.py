@@ -1,0 +1,236 @@
+"""Reference solvers of the DDIM ODE in plain PyTorch: the ground truth of every fast path.
+
+All solvers integrate ``dx̄/dγ = ε(x, t)``, ``x = x̄ / sqrt(1+γ²)``, over the grid
+``γ_0 > γ_1 > … > γ_N`` given by decreasing times ``ts`` (float64), with steps
+``h_n = γ_{n+1} − γ_n < 0``.  They differ only in the Taylor terms they keep:
+
+=============  ======================================================================
+``ddim``       TTM1 (Euler in γ):         ``x̄ ← x̄ + h ε``
+``genie``      TTM2, head's derivative:   ``x̄ ← x̄ + h ε + ½ h² k_ψ``
+``genie_exact``TTM2, exact derivative:    ``x̄ ← x̄ + h ε + ½ h² dε/dγ`` (``torch.func.jvp``)
+``ab2``        TTM2, ``dε/dγ ≈ (ε_n − ε_{n−1}) / h_{n−1}`` (variable-step Adams–Bashforth 2)
+``ab3``        TTM3 with the derivatives of the quadratic through the last three ε
+=============  ======================================================================
+
+Options shared by all:
+
+* ``afs`` (analytic first step): at ``t_0`` the data is pure noise, ``x ~ N(0, I)``, whose
+  ε is ``σ_0 x``; the first step uses it with an Euler step and saves one network call
+  (along that Gaussian flow ``dx/dγ = 0`` and ``dε/dγ = α³ x ≈ 0``).
+* ``denoise``: return ``x̂_0 = x̄_N − γ_N ε(x_N, t_N)`` instead of ``x_N`` (one more call).
+* ``callback(info)``: called after every step with ``{"i", "t", "x", "eps"}``.
+
+Time values stay in float64; the model sees ``x.dtype``.  The state x̄ and the increments
+added to it are float32 at least (float64 for float64 noise), as in the fused loops: for a
+half-precision network only x, its input, is rounded to half precision, not the sum that
+carries the whole trajectory.  Each solver returns the sample
+(shaped like ``noise``) and the number of network evaluations it used, counting a
+forward-mode JVP as ``JVP_NFE`` evaluations and a head as its ``nfe_overhead``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Protocol
+
+import torch
+from torch import Tensor
+
+from .derivative import JVP_NFE, exact_deps_dgamma
+from .protocol import ModelOutput, as_model, checked_call, state_dtype
+from .schedules import VPSchedule, check_schedule, checked_grid
+
+Callback = Optional[Callable[[dict], None]]
+
+
+class SolverOutput(NamedTuple):
+    sample: Tensor
+    nfe: float
+
+
+class DerivativeHead(Protocol):
+    """What ``genie`` needs of a head: ``head(x, model_output, gamma) -> dε/dγ`` (any dtype;
+    the bundled heads return float32 for half-precision x, the precision of the state).
+
+    ``gamma`` has shape (B,).  ``nfe_overhead`` is the head's cost as a fraction of one
+    network call, added to the NFE count.
+    """
+
+    nfe_overhead: float
+
+    def __call__(self, x: Tensor, out: ModelOutput, gamma: Tensor) -> Tensor: ...
+
+
+def analytic_eps(x: Tensor, gamma: Tensor) -> Tensor:
+    """ε of pure Gaussian noise at ``γ``: ``σ x = γ/sqrt(1+γ²) · x`` (the analytic first step).
+
+    ``gamma`` is a 0-dim tensor (on x's device or the CPU); no value goes to the host.
+    """
+    return x * (gamma * torch.rsqrt(1.0 + gamma * gamma)).to(x.dtype)
+
+
+class _Trajectory:
+    """State shared by the solver loops: x̄ (in ``state_dtype``), x (the noise's dtype), the γ
+    grid and the NFE count."""
+
+    def __init__(self, model, noise: Tensor, ts: Tensor, schedule: VPSchedule):
+        check_schedule(schedule)
+        self.model = as_model(model)
+        self.ts = checked_grid(ts, may_end_at_zero=True)
+        self.gammas = schedule.gamma(self.ts)
+        self.steps = self.ts.numel() - 1
+        self.state_dtype = state_dtype(noise.dtype)
+        self.x = noise
+        self.xbar = noise.to(self.state_dtype) * float((1.0 + self.gammas[0] ** 2).sqrt())
+        self.nfe = 0.0
+
+    def wide(self, value: Tensor) -> Tensor:
+        """``value`` (ε, dε/dγ) in the state's dtype, before it is scaled and summed."""
+        return value.to(self.state_dtype)
+
+    def h(self, n: int) -> float:
+        return float(self.gammas[n + 1] - self.gammas[n])
+
+    def gamma_batch(self, n: int) -> Tensor:
+        """γ_n for every sample, float64, on the model's device."""
+        return self.gammas[n].to(self.x.device).expand(self.x.shape[0])
+
+    def model_output(self, n: int) -> ModelOutput:
+        self.nfe += 1
+        t = self.ts[n].to(self.x.device, self.x.dtype).expand(self.x.shape[0])
+        return checked_call(self.model, self.x, t)
+
+    def advance(self, n: int, increment: Tensor, eps: Tensor, callback: Callback) -> None:
+        self.xbar = self.xbar + increment
+        self.x = (self.xbar * float(torch.rsqrt(1.0 + self.gammas[n + 1] ** 2))).to(self.x.dtype)
+        if callback is not None:
+            callback({"i": n, "t": float(self.ts[n + 1]), "x": self.x, "eps": eps})
+
+    def finish(self, denoise: bool) -> SolverOutput:
+        if denoise:
+            eps = self.model_output(self.steps).eps
+            return SolverOutput((self.xbar - float(self.gammas[-1]) * self.wide(eps)).to(self.x.dtype), self.nfe)
+        return SolverOutput(self.x, self.nfe)
+
+
+def ddim(model, noise: Tensor, ts: Tensor, schedule: VPSchedule, *, afs=False, denoise=False, callback: Callback = None) -> SolverOutput:
+    """DDIM, the first truncated Taylor method: ``x̄_{n+1} = x̄_n + h_n ε_n``."""
+    traj = _Trajectory(model, noise, ts, schedule)
+    for n in range(traj.steps):
+        eps = analytic_eps(traj.x, traj.gammas[n]) if afs and n == 0 else traj.model_output(n).eps
+        traj.advance(n, traj.h(n) * traj.wide(eps), eps, callback)
+    return traj.finish(denoise)
+
+
+def _ttm2(traj: _Trajectory, derivative, afs: bool, callback: Callback) -> None:
+    """The TTM2 loop ``x̄ ← x̄ + h ε + ½ h² dε/dγ`` with ``derivative(n) -> (ε, dε/dγ)``."""
+    for n in range(traj.steps):
+        h = traj.h(n)
+        if afs and n == 0:
+            eps = analytic_eps(traj.x, traj.gammas[n])
+            traj.advance(n, h * traj.wide(eps), eps, callback)
+        else:
+            eps, deps = derivative(n)
+            traj.advance(n, h * traj.wide(eps) + (0.5 * h * h) * traj.wide(deps), eps, callback)
+
+
+def genie(
+    model, noise: Tensor, ts: Tensor, schedule: VPSchedule, head: DerivativeHead,
+    *, afs=False, denoise=False, callback: Callback = None,
+) -> SolverOutput:
+    """GENIE: TTM2 with dε/dγ predicted by a distilled head, one network call per step.
+
+    ``x̄_{n+1} = x̄_n + h_n ε_n + ½ h_n² k_ψ(x_n, ε_n, features_n, temb_n, γ_n)``.
+    """
+    if not callable(head):
+        raise TypeError(f"genie needs a distilled head, head(x, out, gamma) -> dε/dγ; got {type(head).__name__}")
+    traj = _Trajectory(model, noise, ts, schedule)
+
+    def derivative(n):
+        out = traj.model_output(n)
+        traj.nfe += float(getattr(head, "nfe_overhead", 0.0))
+        return out.eps, head(traj.x, out, traj.gamma_batch(n))
+
+    _ttm2(traj, derivative, afs, callback)
+    return traj.finish(denoise)
+
+
+def genie_exact(
+    model, noise: Tensor, ts: Tensor, schedule: VPSchedule,
+    *, afs=False, denoise=False, callback: Callback = None, jvp_nfe: float = JVP_NFE,
+) -> SolverOutput:
+    """Exact GENIE: TTM2 with dε/dγ from ``torch.func.jvp`` (see :mod:`.derivative`).
+
+    Each step costs one forward pass and one forward-mode pass (``1 + jvp_nfe`` NFE).
+    """
+    traj = _Trajectory(model, noise, ts, schedule)
+
+    def derivative(n):
+        out, deps = exact_deps_dgamma(traj.model, traj.x, traj.gamma_batch(n), schedule, traj.model_output(n))
+        traj.nfe += jvp_nfe
+        return out.eps, deps
+
+    _ttm2(traj, derivative, afs, callback)
+    return traj.finish(denoise)
+
+
+def adams_bashforth(
+    model, noise: Tensor, ts: Tensor, schedule: VPSchedule, order: int = 2,
+    *, afs=False, denoise=False, callback: Callback = None,
+) -> SolverOutput:
+    """Variable-step Adams–Bashforth of ``order`` 1–3 on the DDIM ODE.
+
+    Let ``p`` interpolate the last ``order`` values of ε in γ (Newton form, divided
+    differences ``ε[n, n−1]``, ``ε[n, n−1, n−2]``).  Integrating ``p`` over
+    ``[γ_n, γ_n + h]`` is the truncated Taylor method with p's derivatives:
+
+        x̄ ← x̄ + h ε_n + ½ h² p′(γ_n) + ⅙ h³ p″(γ_n),
+        p′(γ_n) = ε[n, n−1] + ε[n, n−1, n−2] (γ_n − γ_{n−1}),   p″ = 2 ε[n, n−1, n−2].
+
+    The first steps use the orders the history allows (Euler, then AB2).
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"Adams-Bashforth order must be 1, 2 or 3, got {order}")
+    traj = _Trajectory(model, noise, ts, schedule)
+    g = traj.gammas
+    history: list[Tensor] = []  # ε_n, ε_{n−1}, ε_{n−2}
+    for n in range(traj.steps):
+        eps = analytic_eps(traj.x, traj.gammas[n]) if afs and n == 0 else traj.model_output(n).eps
+        history = [traj.wide(eps)] + history[: order - 1]
+        h = traj.h(n)
+        increment = h * history[0]
+        if len(history) >= 2:
+            d1 = (history[0] - history[1]) / float(g[n] - g[n - 1])
+            if len(history) == 3:
+                d_prev = (history[1] - history[2]) / float(g[n - 1] - g[n - 2])
+                d2 = (d1 - d_prev) / float(g[n] - g[n - 2])
+                d1 = d1 + float(g[n] - g[n - 1]) * d2
+                increment = increment + (h**3 / 3.0) * d2  # ⅙ h³ · 2 ε[n, n−1, n−2]
+            increment = increment + (0.5 * h * h) * d1
+        traj.advance(n, increment, eps, callback)
+    return traj.finish(denoise)
+
+
+def ab2(model, noise, ts, schedule, *, afs=False, denoise=False, callback: Callback = None) -> SolverOutput:
+    """Variable-step Adams–Bashforth 2 (see :func:`adams_bashforth`)."""
+    return adams_bashforth(model, noise, ts, schedule, 2, afs=afs, denoise=denoise, callback=callback)
+
+
+def ab3(model, noise, ts, schedule, *, afs=False, denoise=False, callback: Callback = None) -> SolverOutput:
+    """Variable-step Adams–Bashforth 3 (see :func:`adams_bashforth`)."""
+    return adams_bashforth(model, noise, ts, schedule, 3, afs=afs, denoise=denoise, callback=callback)
+
+
+SOLVERS = {"ddim": ddim, "genie": genie, "genie_exact": genie_exact, "ab2": ab2, "ab3": ab3}
+
+
+def check_model_and_head(model, solver: str, head) -> None:
+    """The checks of ``solver``, ``model`` and ``head`` that every sampling entry point makes
+    (:func:`genie_kernels.sample` and :class:`genie_kernels.GenieSampler`)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {tuple(SOLVERS)}")
+    if solver == "genie" and head is None:
+        raise ValueError("solver='genie' needs a distilled head (head=...); use solver='genie_exact' without one")
+    if solver != "genie" and head is not None:
+        raise ValueError(f"head= is only used by solver='genie', not {solver!r}")
+    if not callable(model):
+        raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")
