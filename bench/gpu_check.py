@@ -391,7 +391,7 @@ def cifar10_unet():
 def models_for_graphs():
     """``{name: (adapter, head, shape, diffusers unet or None)}``, fp16 on the GPU (built once)."""
     import genie_kernels as gk
-    from genie_kernels.heads.head import ConvHead
+    from genie_kernels.heads.conv import ConvHead
 
     mnist, mnist_head, _ = gk.load_pretrained("mnist")
     torch.manual_seed(0)
