@@ -28,7 +28,7 @@ def _extension_args() -> dict:
         return {}
 
     # No fast math and no FMA contraction: the kernels match taylor_update_reference exactly
-    # (the same flags as the JIT build in genie_kernels/ext.py).
+    # (the same flags as the JIT build in genie_kernels/fast/ext.py).
     cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     macros = [("GENIE_CPP_PYTHON_MODULE", None)]  # defines PyInit__C, so `import genie_kernels._C` works
     sources = ["csrc/taylor_update.cpp"]  # relative to this file, as setuptools wants

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from genie_kernels.heads.head import ConvHead
+from genie_kernels.heads.conv import ConvHead
 from genie_kernels.ode.protocol import ModelOutput
 from genie_kernels.models.unet import UNet
 

@@ -29,8 +29,10 @@ import time
 import torch
 
 from genie_kernels import LinearVPSchedule, ground_truth, image_mixture, rmse, sample
-from genie_kernels.heads.distill import distill, format_validation, relative_errors, validation_set
-from genie_kernels.heads.head import ConvHead, MLPHead
+from genie_kernels.heads.conv import ConvHead
+from genie_kernels.heads.data import format_validation, relative_errors, validation_set
+from genie_kernels.heads.distill import distill
+from genie_kernels.heads.mlp import MLPHead
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 // op, with its CPU kernel (the CUDA kernel is in taylor_update_cuda.cu).  Same arguments,
 // results and arithmetic as genie_kernels.kernels.update.taylor_update_reference; see
 // taylor_update.h for the formula.  Built by setup.py as genie_kernels._C or JIT-built by
-// genie_kernels/ext.py.
+// genie_kernels/fast/ext.py.
 #include "taylor_update.h"
 
 #include <ATen/Parallel.h>
@@ -50,7 +50,7 @@ std::string describe_shape(const c10::optional<at::Tensor>& t) {
 
 Mode check_inputs(const at::Tensor& xbar, const at::Tensor& eps, const c10::optional<at::Tensor>& aux,
                   const at::Tensor& gammas, int64_t step, c10::string_view mode_name) {
-  // The first checks mirror _check in genie_kernels/kernels/update.py, message for message.
+  // The first checks mirror _check in genie_kernels/fast/update.py, message for message.
   const std::string name(mode_name.data(), mode_name.size());
   Mode mode;
   if (name == "ddim") {

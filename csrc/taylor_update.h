@@ -8,7 +8,7 @@
 // head output with 3C channels) or D = (ε_n − ε_{n−1}) / (γ_n − γ_{n−1}) ("ab2").
 //
 // The arithmetic is, operation for operation and in the same order, that of
-// taylor_update_reference in genie_kernels/kernels/update.py: values of the γ grid are
+// taylor_update_reference in genie_kernels/fast/update.py: values of the γ grid are
 // combined in float64 and then cast, everything per element runs in the compute type
 // (float32, or float64 when x̄ is float64).  Bitwise parity with the reference needs the
 // compiler not to contract a*b+c into an FMA: the builds pass -ffp-contract=off (C++) and

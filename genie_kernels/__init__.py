@@ -2,8 +2,11 @@
 
 from .checkpoint import CheckpointError
 from .fast.graph import GenieSampler, GraphCaptureError
-from .heads.distill import DistillResult, NonFiniteLossError, distill, load_head
-from .heads.head import ConvHead, MLPHead, combine_mixed
+from .heads.base import combine_mixed
+from .heads.conv import ConvHead
+from .heads.distill import DistillResult, NonFiniteLossError, distill
+from .heads.files import load_head
+from .heads.mlp import MLPHead
 from .models.adapters import HookedModel, UNet2DAdapter
 from .models.mixture import GaussianMixture, image_mixture, toy_2d
 from .models.unet import UNet, load_pretrained_unet, load_unet

@@ -6,7 +6,7 @@ people to read.  Each file is written to a temporary name in the same folder, fl
 and fsynced, then renamed over the target, so a crash never leaves a partial checkpoint
 and the previous one stays valid until the new one is complete.
 
-A training run (:func:`~genie_kernels.distill.distill`, :func:`~genie_kernels.train_base.train_base`)
+A training run (:func:`~genie_kernels.heads.distill.distill`, :func:`~genie_kernels.zoo.mnist.train_base.train_base`)
 stores its whole state with :func:`training_tensors` — each module's weights under its own
 prefix, the optimizer's per-parameter state, the generator behind every random draw and
 the loss history — and :func:`restore_training` puts it back, so a resumed run continues

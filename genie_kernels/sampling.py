@@ -63,7 +63,7 @@ def sample(
 
     Args:
         model: an ε-function ``eps_fn(x, t)`` (t of shape (B,), continuous in (0, 1]) or an
-            :class:`~genie_kernels.models.EpsModel` adapter.
+            :class:`~genie_kernels.ode.protocol.EpsModel` adapter.
         noise: the starting noise ``x(t=1) ~ N(0, I)``, shaped ``(B, ...)``.
         steps: number of solver steps (the time grid has ``steps + 1`` points).
         solver: ``"genie"`` (needs ``head``), ``"genie_exact"``, ``"ddim"``, ``"ab2"``, ``"ab3"``.

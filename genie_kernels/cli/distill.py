@@ -4,7 +4,7 @@ The head learns dε/dγ (the second-order term of the GENIE step) from what one 
 call gives: x, ε, the network's last feature map and its time embedding.  The run
 writes an atomic checkpoint (safetensors + JSON config) to --out every
 --checkpoint-every steps and at the end; --resume continues it exactly.  Sample with
-the result through ``genie_kernels.distill.load_head(path)`` and
+the result through ``genie_kernels.heads.files.load_head(path)`` and
 ``sample(model, noise, steps, solver="genie", head=head)``.
 
 Model kinds (--model):
@@ -12,12 +12,12 @@ Model kinds (--model):
                  --mixture-seed); exact ε, so no trained network is needed
   toy2d          the 2-D toy mixture of 25 narrow modes
   PATH           a trained model checkpoint (.safetensors), loaded by
-                 ``genie_kernels.unet.load_unet`` — the hook for trained networks
+                 ``genie_kernels.models.unet.load_unet`` — the hook for trained networks
                  (see ``load_model`` in this module to add other kinds)
 
 Data (--data):
   model          sample x_0 from the model's own data distribution (mixtures only)
-  mnist[:DIR]    the MNIST training split (``genie_kernels.mnist.load_mnist``); DIR
+  mnist[:DIR]    the MNIST training split (``genie_kernels.zoo.mnist.data.load_mnist``); DIR
                  defaults to ../shared/data/mnist or $GENIE_MNIST
   PATH           a tensor file: .pt (a tensor), .npy, or .safetensors (key "data"),
                  shaped (N, ...) like the model's input
@@ -40,8 +40,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import CheckpointError
-from ..heads.distill import LR_SCHEDULES, check_new_output, data_sampler, distill, format_validation, probe_model
-from ..heads.head import head_for
+from ..heads.build import head_for
+from ..heads.data import data_sampler, format_validation, probe_model
+from ..heads.distill import LR_SCHEDULES, check_new_output, distill
 from ..models.mixture import image_mixture, toy_2d
 from ..ode.schedules import LinearVPSchedule, schedule_from_config
 from . import device_from_option, int_at_least, output_file
@@ -99,9 +100,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def load_model(spec: str, args):
     """``(model, schedule, data_from_model)`` for ``--model``.  Add new model kinds here.
 
-    A checkpoint path goes to ``genie_kernels.unet.load_unet(path, return_config=True)``,
+    A checkpoint path goes to ``genie_kernels.models.unet.load_unet(path, return_config=True)``,
     which must return the model and a config whose optional ``"schedule"`` entry is a
-    schedule config (:func:`~genie_kernels.schedules.schedule_from_config`).
+    schedule config (:func:`~genie_kernels.ode.schedules.schedule_from_config`).
     """
     if spec == "mixture":
         shape = tuple(int(s) for s in args.shape.split(","))
@@ -116,7 +117,7 @@ def load_model(spec: str, args):
     try:
         from ..models.unet import load_unet
     except ImportError as err:
-        raise ValueError(f"cannot load {path}: no model loader is installed (genie_kernels.unet.load_unet): {err}") from err
+        raise ValueError(f"cannot load {path}: no model loader is installed (genie_kernels.models.unet.load_unet): {err}") from err
     model, config = load_unet(path, return_config=True)
     schedule = schedule_from_config(config["schedule"]) if "schedule" in config else LinearVPSchedule()
     return model, schedule, None

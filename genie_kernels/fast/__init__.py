@@ -2,9 +2,9 @@
 
 Every module here has a pure-PyTorch twin below it and a test that holds the two equal:
 the Triton kernels ``update`` (the fused step; twin ``taylor_update_reference`` beside it,
-which follows :mod:`genie_kernels.ode.solvers` and :func:`genie_kernels.heads.head.combine_mixed`),
+which follows :mod:`genie_kernels.ode.solvers` and :func:`genie_kernels.heads.base.combine_mixed`),
 ``group_norm``, ``channels_last_cat`` and ``head_blocks`` (the fused conv head; twin
-:meth:`genie_kernels.heads.head.ConvHead.predict_k`); ``ext`` (the loader of the C++/CUDA
+:meth:`genie_kernels.heads.conv.ConvHead.predict_k`); ``ext`` (the loader of the C++/CUDA
 update op of ``csrc/``); ``sampler`` (the solver loop on these ops; twin
 :mod:`genie_kernels.ode.solvers`) and ``graph`` (that loop as one CUDA graph).  Imports the
 heads, ODE and helper layers only.

@@ -139,7 +139,7 @@ def channels_last_cat(parts: list[Tensor], multiple: int = 1, dtype: torch.dtype
 
     The parts must be contiguous (B, Cᵢ, H, W) tensors with one batch size, H×W and device.
     Registered as ``torch.ops.genie_kernels.channels_last_cat``; plain eager calls launch
-    the kernel directly (see :func:`~genie_kernels.kernels.launch_directly`).
+    the kernel directly (see :func:`~genie_kernels.fast.launch_directly`).
     """
     if triton is None:
         raise RuntimeError("channels_last_cat needs triton; use channels_last_cat_reference")

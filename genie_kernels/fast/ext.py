@@ -1,6 +1,6 @@
 """The optional C++/CUDA extension: ``torch.ops.genie_cpp.taylor_update``.
 
-The same fused Taylor update as :func:`genie_kernels.kernels.update.taylor_update` (and
+The same fused Taylor update as :func:`genie_kernels.fast.update.taylor_update` (and
 arithmetic identical to ``taylor_update_reference``), written as a torch custom op in
 ``csrc/``: a CPU kernel (``at::parallel_for``) and, in CUDA builds, a CUDA kernel that
 reads γ on the device (no host sync, so it can be captured in a CUDA graph).
@@ -184,7 +184,7 @@ def status() -> tuple[bool, str]:
 def taylor_update_cpp(
     xbar: Tensor, eps: Tensor, gammas: Tensor, step: int, mode: str = "genie", aux: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """:func:`genie_kernels.kernels.update.taylor_update` on the C++/CUDA op; returns ``(x̄_{n+1}, x_{n+1})``.
+    """:func:`genie_kernels.fast.update.taylor_update` on the C++/CUDA op; returns ``(x̄_{n+1}, x_{n+1})``.
 
     Runs on the CPU and (in CUDA builds) on CUDA devices.  ``aux`` is the head output k (3C
     channels) for ``"genie"`` and ε_{n−1} for ``"ab2"``, in eps's dtype.  Bad input raises

@@ -2,7 +2,7 @@
 
 At batch 1 a 10-step loop is a few hundred small kernels, and launching them from
 Python costs more than running them.  :class:`GenieSampler` runs the loop of
-:func:`genie_kernels.kernels.sampler.fused_loop` (network, head, fused update, for every
+:func:`genie_kernels.fast.sampler.fused_loop` (network, head, fused update, for every
 step) once under ``torch.cuda.graph`` and afterwards replays the recorded graph: one
 launch per sample call, no Python per step and no host sync inside the replay.
 
@@ -17,7 +17,7 @@ Why the runner is Python over the C++ op, not C++: the network is the user's
 under capture.  A C++ runner could only hold TorchScript or AOT-compiled networks,
 which users of ``diffusers`` models do not have.  After capture nothing of Python
 remains in the hot path — the replay is one ``cudaGraphLaunch`` — so moving the runner
-to C++ would save nothing per call.  The C++ op (:mod:`genie_kernels.ext`) is the
+to C++ would save nothing per call.  The C++ op (:mod:`genie_kernels.fast.ext`) is the
 default update inside the graph where it is built; the Triton op otherwise.
 
 What cannot be captured: host syncs (``.item()``, ``float(tensor)``, printing a tensor,
@@ -106,12 +106,12 @@ class GenieSampler:
     """Capture once, sample many times: the whole N-step loop as one CUDA graph.
 
     Args:
-        model: the ε-network (an :class:`~genie_kernels.models.EpsModel` adapter or
+        model: the ε-network (an :class:`~genie_kernels.ode.protocol.EpsModel` adapter or
             ``eps_fn(x, t)``) on a CUDA device, in the dtype of the noise it will get.
         steps, solver, head, schedule, t_end, striding, afs, denoise: as in
             :func:`genie_kernels.sample` (the schedule defaults to ``model.schedule``
             where the model has one); solver ``"ddim"``, ``"ab2"`` or ``"genie"``
-            (with a :class:`~genie_kernels.head.ConvHead`).
+            (with a :class:`~genie_kernels.heads.conv.ConvHead`).
         compile_model: ``torch.compile`` the network's forward (default mode, no graphs of
             its own) before capture; the compiled kernels are then recorded in the graph.
         update: ``"auto"`` (the C++ op where built, else Triton), ``"cpp"``, ``"triton"``

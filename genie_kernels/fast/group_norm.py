@@ -280,7 +280,7 @@ def group_norm_silu(
     """Fused ``SiLU(GroupNorm(y))`` (see the module docstring); returns ``(out, y or None)``.
 
     Registered as ``torch.ops.genie_kernels.group_norm_silu`` (plain eager calls launch the
-    kernel directly, see :func:`~genie_kernels.kernels.launch_directly`).  ``h`` (and ``residual``,
+    kernel directly, see :func:`~genie_kernels.fast.launch_directly`).  ``h`` (and ``residual``,
     in the same layout) must be contiguous or 4-D channels-last, the other tensors
     contiguous, all on one device; statistics are float32 whatever the storage dtype.
     """

@@ -1,6 +1,6 @@
 """The conv head's forward with its normalisation work fused into Triton launches.
 
-Same maths as :meth:`genie_kernels.head.ConvHead.predict_k` (the head before the
+Same maths as :meth:`genie_kernels.heads.conv.ConvHead.predict_k` (the head before the
 mixed-parametrisation combine, which the fused update kernel applies).  Per residual
 block the work is its two convolutions (cuDNN, run without their biases), the tiny
 time-embedding projection (a GEMM) and two :func:`group_norm_silu` launches:
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..heads.head import ConvHead
+from ..heads.conv import ConvHead
 from ..ode.protocol import ModelOutput
 from .channels_last_cat import channels_last_cat
 from .group_norm import RESIDUAL_SCALE, group_norm_silu

@@ -1,14 +1,14 @@
 """The solver loop on fused kernels: ``sample(..., backend="triton" | "cpp" | "cuda_graph")``.
 
-Same trajectory as the reference solvers in :mod:`genie_kernels.solvers`; each step is
+Same trajectory as the reference solvers in :mod:`genie_kernels.ode.solvers`; each step is
 one network call, (for GENIE) the head's raw output k, and one fused update that writes
 both x̄ and the next network input.  The γ grid and the model's times live on the
 device, so the loop never reads a value back to the host and can be captured whole in a
-CUDA graph (:mod:`genie_kernels.graph`).  The state x̄ is kept in float32 (float64 for
+CUDA graph (:mod:`genie_kernels.fast.graph`).  The state x̄ is kept in float32 (float64 for
 float64 noise) whatever the network's dtype.
 
 The update and the head are parameters: the Triton op with the fused head
-(``backend="triton"``), the C++ op of :mod:`genie_kernels.ext` (``backend="cpp"``), or
+(``backend="triton"``), the C++ op of :mod:`genie_kernels.fast.ext` (``backend="cpp"``), or
 either inside the graph runner.
 """
 
@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from ..heads.head import ConvHead
+from ..heads.conv import ConvHead
 from ..ode.protocol import EpsModel, as_model, checked_call, state_dtype
 from ..ode.schedules import VPSchedule
 from ..ode.solvers import Callback, SolverOutput, analytic_eps

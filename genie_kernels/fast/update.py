@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..heads.head import combine_mixed
+from ..heads.base import combine_mixed
 from . import cdiv, launch_directly, next_power_of_2, raw_kernel
 
 MODES = ("ddim", "genie", "ab2")
@@ -156,7 +156,7 @@ def taylor_update(
     ``aux`` is the head output k (3C channels) for ``"genie"`` and ε_{n−1} for ``"ab2"``.
     All tensors must be contiguous and on one device; ``gammas`` is the γ grid (float64
     recommended).  Registered as the custom op ``torch.ops.genie_kernels.taylor_update``;
-    plain eager calls launch the kernel directly (see :func:`~genie_kernels.kernels.launch_directly`).
+    plain eager calls launch the kernel directly (see :func:`~genie_kernels.fast.launch_directly`).
     """
     if triton is None:
         raise RuntimeError("taylor_update needs triton; use taylor_update_reference")

@@ -11,7 +11,8 @@ Adam with gradient-norm clipping and an optional exponential moving average (EMA
 of the weights.  Periodically the head is validated on held-out samples: the relative
 L2 error ``‖k_ψ − dε/dγ‖ / ‖dε/dγ‖`` per bucket of t.
 
-Checkpoints (:func:`genie_kernels.checkpoint.save_checkpoint`, atomic) hold the head,
+Checkpoints (:func:`genie_kernels.checkpoint.save_checkpoint`, atomic; format in
+:mod:`.files`) hold the head,
 its EMA, Adam's state, the random generator's state and the loss history; their config
 holds the head's hyper-parameters, the schedule, the base model's identity and the
 training settings.  ``resume=True`` continues from the checkpoint and reproduces the
@@ -30,7 +31,6 @@ the checkpoints.
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -38,21 +38,22 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import (CheckpointError, load_checkpoint, load_module_tensors, read_config, restore_training,
-                          save_checkpoint, training_tensors)
+from ..checkpoint import (CheckpointError, load_checkpoint, read_config, restore_training, save_checkpoint,
+                          training_tensors)
 from ..checks import check_int
 from ..ode.derivative import exact_deps_dgamma
-from ..ode.protocol import ModelOutput, as_model, checked_call
+from ..ode.protocol import as_model
 from ..ode.schedules import VPSchedule, schedule_of
-from .head import head_from_config, measure_nfe_overhead
+from .cost import measure_nfe_overhead
+from .data import (data_sampler, format_validation, hold_out, noisy_batch, probe_model, relative_errors, validation_set,
+                   weighted_loss)
+from .files import FORMAT, model_identity
 
-FORMAT = "genie_kernels.head/1"
+
 LR_SCHEDULES = ("constant", "cosine")
-
-Sampler = Callable[[int, torch.Generator], Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -66,86 +67,6 @@ class DistillResult(NamedTuple):
     step: int                # steps completed
 
 
-# -- identities and data ---------------------------------------------------------------------
-
-# The modules this package's models were defined in when heads began to record the identity
-# of their model.  Identities keep those names, so that the heads distilled before the
-# package was split into layers (the bundled MNIST head among them) still load.
-IDENTITY_MODULES = {"genie_kernels.models.unet": "genie_kernels.unet",
-                    "genie_kernels.models.adapters": "genie_kernels.adapters",
-                    "genie_kernels.models.mixture": "genie_kernels.mixture",
-                    "genie_kernels.ode.protocol": "genie_kernels.models"}
-
-
-def _qualified_name(module: str, qualname: str) -> str:
-    return f"{IDENTITY_MODULES.get(module, module)}.{qualname}"
-
-
-def model_identity(model) -> dict:
-    """What a head is tied to: the model's class and a SHA-256 of its weights and buffers.
-
-    A model may define ``identity() -> dict`` to replace this.  Weights are hashed as
-    float64 values, so the identity does not depend on the dtype the model runs in.
-    """
-    custom = getattr(model, "identity", None)
-    if callable(custom):
-        return dict(custom())
-    cls = type(model)
-    identity = {"class": _qualified_name(cls.__module__, cls.__qualname__)}
-    for attr in ("network", "eps_fn"):  # what an adapter wraps
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module):
-            identity[attr] = _qualified_name(type(inner).__module__, type(inner).__qualname__)
-        elif callable(inner):
-            identity[attr] = _qualified_name(getattr(inner, "__module__", ""),
-                                             getattr(inner, "__qualname__", type(inner).__qualname__))
-    digest = hashlib.sha256()
-    if isinstance(model, nn.Module):
-        for name, tensor in sorted(model.state_dict().items()):
-            value = tensor.detach().to("cpu", torch.float64).contiguous()
-            digest.update(f"{name}:{tuple(value.shape)};".encode())
-            digest.update(value.numpy().tobytes())
-    identity["sha256"] = digest.hexdigest()
-    return identity
-
-
-def data_sampler(data) -> Sampler:
-    """``data`` as a function ``(n, generator) -> x_0``.
-
-    Accepts a tensor of training samples ``(N, ...)`` (drawn with replacement), an object
-    with ``sample_data(n, generator)`` (e.g. a :class:`~genie_kernels.mixture.GaussianMixture`)
-    or such a function itself.
-    """
-    if isinstance(data, Tensor):
-        if data.dim() < 2 or data.shape[0] < 1:
-            raise ValueError(f"training data must be shaped (N, ...) with N >= 1, got {tuple(data.shape)}")
-        if not data.is_floating_point():
-            raise TypeError(f"training data must be floating point, got {data.dtype}")
-        if not torch.isfinite(data).all():
-            raise ValueError("training data contains NaN or inf")
-        return lambda n, gen: data[torch.randint(data.shape[0], (n,), generator=gen).to(data.device)]
-    if hasattr(data, "sample_data"):
-        return data.sample_data
-    if callable(data):
-        return data
-    raise TypeError(f"data must be a tensor, have sample_data(n, generator), or be callable, got {type(data).__name__}")
-
-
-def hold_out(data, val_size: int):
-    """``(training data, validation data)``: from a tensor its last ``val_size`` rows are held
-    out (validation draws them without replacement); other data serves both."""
-    if not isinstance(data, Tensor) or not val_size:
-        return data, data
-    if data.shape[0] <= val_size:
-        raise ValueError(f"{data.shape[0]} training samples cannot spare {val_size} for validation")
-    held_out = data[-val_size:]
-
-    def draw_held_out(n: int, gen: torch.Generator) -> Tensor:
-        return held_out[torch.randperm(held_out.shape[0], generator=gen)[:n].to(held_out.device)]
-
-    return data[:-val_size], draw_held_out
-
-
 def learning_rate(lr: float, lr_schedule: str, step: int, steps: int) -> float:
     """The learning rate of (1-based) ``step``: ``lr``, or with ``"cosine"``
     ``lr · ½(1 + cos(π (step−1)/steps))``, which reaches 0 at ``steps + 1``."""
@@ -154,125 +75,11 @@ def learning_rate(lr: float, lr_schedule: str, step: int, steps: int) -> float:
     return lr
 
 
-def probe_model(model, sample_x0: Sampler, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ModelOutput]:
-    """Two training samples and the model's output on them at t = 0.5, drawn with their own
-    generator (the training draws are unchanged): data the model cannot take is named here,
-    before any checkpoint, instead of failing inside the first step."""
-    x0 = sample_x0(2, torch.Generator().manual_seed(0)).to(device, dtype)
-    t = torch.full((2,), 0.5, dtype=dtype, device=device)
-    try:
-        with torch.no_grad():
-            return x0, checked_call(model, x0, t)
-    except (RuntimeError, ValueError) as err:  # a network's shape error, or a model's own check
-        raise ValueError(f"the model cannot take the training data (samples shaped {tuple(x0.shape[1:])}): "
-                         f"{str(err).splitlines()[0]}") from err
-
-
-def noisy_batch(sample_x0: Sampler, gen: torch.Generator, batch: int, schedule: VPSchedule,
-                t_min: float, t_max: float) -> tuple[Tensor, Tensor]:
-    """``(x_t, γ)`` in float64 with ``t ~ U[t_min, t_max]``, all drawn from ``gen``."""
-    x0 = sample_x0(batch, gen).to("cpu", torch.float64)
-    t = t_min + (t_max - t_min) * torch.rand(batch, generator=gen, dtype=torch.float64)
-    z = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    x_t = schedule.alpha(t).view(shape) * x0 + schedule.sigma(t).view(shape) * z
-    return x_t, schedule.gamma(t)
-
-
-def weighted_loss(pred: Tensor, target: Tensor, gamma: Tensor) -> Tensor:
-    """``mean_b γ_b² Σ_pixels (pred − target)²``."""
-    g2 = gamma.to(pred.dtype).square()
-    return (g2 * (pred - target).square().reshape(pred.shape[0], -1).sum(1)).mean()
-
-
-# -- validation --------------------------------------------------------------------------------
-
-
-class ValidationBucket(NamedTuple):
-    t_min: float
-    t_max: float
-    x: Tensor
-    out: object   # ModelOutput
-    gamma: Tensor
-    target: Tensor
-
-
-def validation_set(model, data, schedule: VPSchedule, size: int = 64, buckets: int = 5, t_eps: float = 1e-3,
-                   seed: int = 0, dtype=torch.float32, device="cpu") -> list[ValidationBucket]:
-    """Held-out ``(x_t, model output, γ, exact dε/dγ)`` for ``buckets`` equal intervals of t in [t_eps, 1]."""
-    model, sample_x0 = as_model(model), data_sampler(data)
-    gen = torch.Generator().manual_seed(seed)
-    edges = torch.linspace(t_eps, 1.0, buckets + 1, dtype=torch.float64).tolist()
-    result = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        x, gamma = noisy_batch(sample_x0, gen, size, schedule, lo, hi)
-        x = x.to(device, dtype)
-        with torch.no_grad():
-            out, target = exact_deps_dgamma(model, x, gamma.to(device), schedule)
-        result.append(ValidationBucket(lo, hi, x, out, gamma.to(device), target))
-    return result
-
-
-@torch.no_grad()
-def relative_errors(head, buckets: list[ValidationBucket]) -> list[dict]:
-    """Per bucket, ``sqrt(Σ ‖k_ψ − dε/dγ‖² / Σ ‖dε/dγ‖²)`` over its samples."""
-    rows = []
-    for b in buckets:
-        pred = head(b.x, b.out, b.gamma).to(torch.float64)
-        target = b.target.to(torch.float64)
-        err = float((pred - target).square().sum().sqrt() / target.square().sum().sqrt().clamp_min(1e-300))
-        rows.append({"t_min": b.t_min, "t_max": b.t_max, "rel_err": err})
-    return rows
-
-
-def format_validation(step: int, rows: list[dict]) -> str:
-    cells = "  ".join(f"t∈[{r['t_min']:.3f},{r['t_max']:.3f}]: {r['rel_err']:.4f}" for r in rows)
-    return f"step {step} relative error of dε/dγ  {cells}"
-
-
-# -- checkpoints -----------------------------------------------------------------------------
-
-
 def _run_state(head: nn.Module, ema_head: nn.Module | None) -> dict:
     """Where :func:`~genie_kernels.checkpoint.training_tensors` puts a distillation's state
     (the names existing checkpoints use)."""
     modules = {"head.": head} if ema_head is None else {"head.": head, "ema.": ema_head}
     return dict(modules=modules, optimizer_prefix="optim.", rng_key="rng")
-
-
-def load_head(path, model=None, use_ema: bool = True, device=None) -> nn.Module:
-    """Load a distilled head from a checkpoint written by :func:`distill`.
-
-    The head is rebuilt from the stored config (and takes the stored weights' dtype).
-    With ``model``, the checkpoint's base-model identity must match it
-    (:func:`model_identity`).  ``use_ema`` picks the EMA weights when the run kept them.
-    Raises :class:`~genie_kernels.checkpoint.CheckpointError` for a missing, corrupt,
-    truncated or foreign file, or one made for another model.
-    """
-    config = read_config(path)
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a head checkpoint (format {config.get('format')!r}, expected {FORMAT!r})")
-    if model is not None:
-        identity = model_identity(as_model(model))
-        if config.get("base_model") != identity:
-            raise CheckpointError(f"the head in {path} was distilled for the model {config.get('base_model')}, "
-                                  f"not for the given one {identity}")
-    tensors, config = load_checkpoint(path)
-    try:
-        head = head_from_config(config["head"])
-    except (KeyError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} has an unusable head config: {err}") from err
-    prefix = "ema." if use_ema and config.get("ema") else "head."
-    dtype = getattr(torch, str(config.get("training", {}).get("dtype", "float32")).replace("torch.", ""))
-    head.to(dtype=dtype)
-    load_module_tensors(head, tensors, prefix, path)
-    head.nfe_overhead = float(config.get("nfe_overhead", 0.0))
-    if device is not None:
-        head.to(device)
-    return head.eval().requires_grad_(False)
-
-
-# -- the training loop -----------------------------------------------------------------------
 
 
 def _check_settings(*, steps, batch_size, lr, lr_schedule, grad_clip, t_eps, ema_decay, checkpoint_every,
@@ -337,7 +144,7 @@ def distill(
     """Distil ``head`` onto the exact dε/dγ of the frozen ``model`` (see the module docstring).
 
     Args:
-        model: ε-network (an :class:`~genie_kernels.models.EpsModel` adapter or ``eps_fn``);
+        model: ε-network (an :class:`~genie_kernels.ode.protocol.EpsModel` adapter or ``eps_fn``);
             never updated.
         head: the head to train, in place (its parameters' dtype and device are used).
         data: training data x_0 — a tensor ``(N, ...)``, an object with ``sample_data``,

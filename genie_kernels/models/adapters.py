@@ -1,4 +1,4 @@
-"""Model adapters: any ε-network as an :class:`~genie_kernels.models.EpsModel`.
+"""Model adapters: any ε-network as an :class:`~genie_kernels.ode.protocol.EpsModel`.
 
 An adapter's ``forward_features(x, t)`` returns ``ModelOutput(eps, features, temb)`` from
 one forward pass, where ``t`` is continuous time in (0, 1] of shape (B,).  The head
@@ -9,10 +9,10 @@ reads ``features`` (the network's last feature map before its output layer) and
   forward hooks on the named layers, so the network's code stays as it is.
 * :class:`UNet2DAdapter` does this for a diffusers ``UNet2DModel``: continuous ``t`` is
   mapped to its discrete timestep ``i = t·N − 1`` through a
-  :class:`~genie_kernels.schedules.DiscreteVPSchedule`, ``features`` is the input of
+  :class:`~genie_kernels.ode.schedules.DiscreteVPSchedule`, ``features`` is the input of
   ``conv_out`` (after the last GroupNorm and SiLU) and ``temb`` the output of
   ``time_embedding``.
-* The analytic :class:`~genie_kernels.mixture.GaussianMixture` is its own adapter
+* The analytic :class:`~genie_kernels.models.mixture.GaussianMixture` is its own adapter
   (no features, no temb).
 
 Forward-mode AD (``torch.func.jvp``, used for the exact derivative and distillation)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..checkpoint import CheckpointError
-from ..heads.distill import load_head
+from ..heads.files import load_head
 from ..models.unet import PRETRAINED_DIR, load_pretrained_unet
 from ..ode.schedules import VPSchedule, schedule_from_config
 

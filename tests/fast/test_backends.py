@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import genie_kernels as gk
-from genie_kernels.heads.head import ConvHead
+from genie_kernels.heads.conv import ConvHead
 from genie_kernels.models.unet import UNet
 
 CUDA = torch.cuda.is_available()

@@ -13,7 +13,8 @@ usable, reason = triton_status(DEVICE)
 if not usable:
     pytest.skip(reason, allow_module_level=True)
 
-from genie_kernels.heads.head import ConvHead, combine_mixed  # noqa: E402
+from genie_kernels.heads.base import combine_mixed  # noqa: E402
+from genie_kernels.heads.conv import ConvHead  # noqa: E402
 from genie_kernels.fast import group_norm as group_norm_module  # noqa: E402
 from genie_kernels.fast.group_norm import group_norm_silu, group_norm_silu_reference, is_channels_last  # noqa: E402
 from genie_kernels.fast.head_blocks import fused_head_k  # noqa: E402

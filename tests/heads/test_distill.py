@@ -15,9 +15,11 @@ import torch.multiprocessing as mp
 
 import genie_kernels as gk
 from genie_kernels.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
-from genie_kernels.heads.distill import (NonFiniteLossError, ValidationBucket, _check_settings, distill, load_head,
-                                   model_identity, noisy_batch, relative_errors, validation_set, weighted_loss)
-from genie_kernels.heads.head import ConvHead, MLPHead
+from genie_kernels.heads.conv import ConvHead
+from genie_kernels.heads.data import ValidationBucket, noisy_batch, relative_errors, validation_set, weighted_loss
+from genie_kernels.heads.distill import NonFiniteLossError, _check_settings, distill
+from genie_kernels.heads.files import load_head, model_identity
+from genie_kernels.heads.mlp import MLPHead
 from genie_kernels.ode.protocol import ModelOutput
 
 REPO = Path(__file__).resolve().parents[2]
@@ -461,7 +463,8 @@ def test_training_never_draws_the_rows_held_out_for_validation(monkeypatch):
 
     data = 0.5 * torch.randn(20, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     data[-4:] = 7.0  # the held-out rows, recognisable
-    monkeypatch.setattr(distill_module, "data_sampler", recording_sampler)
+    for module in (distill_module, sys.modules["genie_kernels.heads.data"]):  # training draws, validation draws
+        monkeypatch.setattr(module, "data_sampler", recording_sampler)
     distill(small_mixture(), small_head(), data, steps=6, batch_size=8, val_size=4, val_buckets=2, progress=False)
     training = [x for x in draws if x.shape[0] != 4]  # the up-front probe (2) and the batches (8)
     validation = [x for x in draws if x.shape[0] == 4]

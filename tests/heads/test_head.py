@@ -7,7 +7,11 @@ import pytest
 import torch
 
 import genie_kernels as gk
-from genie_kernels.heads.head import ConvHead, MLPHead, combine_mixed, head_for, head_from_config, measure_nfe_overhead
+from genie_kernels.heads.base import combine_mixed
+from genie_kernels.heads.build import head_for, head_from_config
+from genie_kernels.heads.conv import ConvHead
+from genie_kernels.heads.cost import measure_nfe_overhead
+from genie_kernels.heads.mlp import MLPHead
 from genie_kernels.ode.protocol import ModelOutput
 
 
@@ -152,7 +156,7 @@ def test_measure_nfe_overhead_sets_a_positive_ratio(image_mix):
 
 def test_measure_nfe_overhead_is_head_time_over_network_time(monkeypatch):
     """On a fake clock where a network call takes 4 s and a head call 1 s, the ratio is 0.25."""
-    import genie_kernels.heads.head as head_module
+    import genie_kernels.heads.cost as head_module
 
     clock = [0.0]
     monkeypatch.setattr(head_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
@@ -172,7 +176,7 @@ def test_measure_nfe_overhead_is_head_time_over_network_time(monkeypatch):
 
 
 def test_log_gamma_embedding_is_sin_and_cos_of_log_gamma_at_geometric_frequencies():
-    from genie_kernels.heads.head import EMBED_MAX_FREQ, EMBED_MIN_FREQ, log_gamma_embedding
+    from genie_kernels.heads.base import EMBED_MAX_FREQ, EMBED_MIN_FREQ, log_gamma_embedding
 
     gamma = torch.tensor([0.01, 1.0, 150.0], dtype=torch.float64)
     freqs = EMBED_MIN_FREQ * (EMBED_MAX_FREQ / EMBED_MIN_FREQ) ** (torch.arange(4, dtype=torch.float64) / 3)
@@ -182,7 +186,7 @@ def test_log_gamma_embedding_is_sin_and_cos_of_log_gamma_at_geometric_frequencie
 
 
 def test_residual_block_is_the_scaled_sum_of_input_and_branch():
-    from genie_kernels.heads.head import ResidualBlock
+    from genie_kernels.heads.conv import ResidualBlock
 
     torch.manual_seed(0)
     block = _randomise(ResidualBlock(8, temb_dim=5, groups=4).double())

@@ -13,7 +13,7 @@ import genie_kernels as gk
 from genie_kernels.models.adapters import HookedModel, UNet2DAdapter, ddpm_alphas_cumprod
 from genie_kernels.ode.derivative import dx_dgamma, exact_deps_dgamma
 from genie_kernels.heads.distill import distill
-from genie_kernels.heads.head import head_for
+from genie_kernels.heads.build import head_for
 
 diffusers = pytest.importorskip("diffusers")
 

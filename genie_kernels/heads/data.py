@@ -1,0 +1,132 @@
+"""What the distillation trains and validates on.
+
+Training data x_0 as a draw function (:func:`data_sampler`), the held-out split
+(:func:`hold_out`), noisy inputs ``x_t = α_t x_0 + σ_t z`` with their γ
+(:func:`noisy_batch`), the γ²-weighted loss (:func:`weighted_loss`), and the validation
+buckets: held-out ``(x_t, model output, γ, exact dε/dγ)`` per interval of t, and the head's
+relative error on them (:func:`relative_errors`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..ode.derivative import exact_deps_dgamma
+from ..ode.protocol import ModelOutput, as_model, checked_call
+from ..ode.schedules import VPSchedule
+
+
+Sampler = Callable[[int, torch.Generator], Tensor]
+
+
+def data_sampler(data) -> Sampler:
+    """``data`` as a function ``(n, generator) -> x_0``.
+
+    Accepts a tensor of training samples ``(N, ...)`` (drawn with replacement), an object
+    with ``sample_data(n, generator)`` (e.g. a :class:`~genie_kernels.models.mixture.GaussianMixture`)
+    or such a function itself.
+    """
+    if isinstance(data, Tensor):
+        if data.dim() < 2 or data.shape[0] < 1:
+            raise ValueError(f"training data must be shaped (N, ...) with N >= 1, got {tuple(data.shape)}")
+        if not data.is_floating_point():
+            raise TypeError(f"training data must be floating point, got {data.dtype}")
+        if not torch.isfinite(data).all():
+            raise ValueError("training data contains NaN or inf")
+        return lambda n, gen: data[torch.randint(data.shape[0], (n,), generator=gen).to(data.device)]
+    if hasattr(data, "sample_data"):
+        return data.sample_data
+    if callable(data):
+        return data
+    raise TypeError(f"data must be a tensor, have sample_data(n, generator), or be callable, got {type(data).__name__}")
+
+
+def hold_out(data, val_size: int):
+    """``(training data, validation data)``: from a tensor its last ``val_size`` rows are held
+    out (validation draws them without replacement); other data serves both."""
+    if not isinstance(data, Tensor) or not val_size:
+        return data, data
+    if data.shape[0] <= val_size:
+        raise ValueError(f"{data.shape[0]} training samples cannot spare {val_size} for validation")
+    held_out = data[-val_size:]
+
+    def draw_held_out(n: int, gen: torch.Generator) -> Tensor:
+        return held_out[torch.randperm(held_out.shape[0], generator=gen)[:n].to(held_out.device)]
+
+    return data[:-val_size], draw_held_out
+
+
+def probe_model(model, sample_x0: Sampler, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ModelOutput]:
+    """Two training samples and the model's output on them at t = 0.5, drawn with their own
+    generator (the training draws are unchanged): data the model cannot take is named here,
+    before any checkpoint, instead of failing inside the first step."""
+    x0 = sample_x0(2, torch.Generator().manual_seed(0)).to(device, dtype)
+    t = torch.full((2,), 0.5, dtype=dtype, device=device)
+    try:
+        with torch.no_grad():
+            return x0, checked_call(model, x0, t)
+    except (RuntimeError, ValueError) as err:  # a network's shape error, or a model's own check
+        raise ValueError(f"the model cannot take the training data (samples shaped {tuple(x0.shape[1:])}): "
+                         f"{str(err).splitlines()[0]}") from err
+
+
+def noisy_batch(sample_x0: Sampler, gen: torch.Generator, batch: int, schedule: VPSchedule,
+                t_min: float, t_max: float) -> tuple[Tensor, Tensor]:
+    """``(x_t, γ)`` in float64 with ``t ~ U[t_min, t_max]``, all drawn from ``gen``."""
+    x0 = sample_x0(batch, gen).to("cpu", torch.float64)
+    t = t_min + (t_max - t_min) * torch.rand(batch, generator=gen, dtype=torch.float64)
+    z = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    x_t = schedule.alpha(t).view(shape) * x0 + schedule.sigma(t).view(shape) * z
+    return x_t, schedule.gamma(t)
+
+
+def weighted_loss(pred: Tensor, target: Tensor, gamma: Tensor) -> Tensor:
+    """``mean_b γ_b² Σ_pixels (pred − target)²``."""
+    g2 = gamma.to(pred.dtype).square()
+    return (g2 * (pred - target).square().reshape(pred.shape[0], -1).sum(1)).mean()
+
+
+class ValidationBucket(NamedTuple):
+    t_min: float
+    t_max: float
+    x: Tensor
+    out: object   # ModelOutput
+    gamma: Tensor
+    target: Tensor
+
+
+def validation_set(model, data, schedule: VPSchedule, size: int = 64, buckets: int = 5, t_eps: float = 1e-3,
+                   seed: int = 0, dtype=torch.float32, device="cpu") -> list[ValidationBucket]:
+    """Held-out ``(x_t, model output, γ, exact dε/dγ)`` for ``buckets`` equal intervals of t in [t_eps, 1]."""
+    model, sample_x0 = as_model(model), data_sampler(data)
+    gen = torch.Generator().manual_seed(seed)
+    edges = torch.linspace(t_eps, 1.0, buckets + 1, dtype=torch.float64).tolist()
+    result = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        x, gamma = noisy_batch(sample_x0, gen, size, schedule, lo, hi)
+        x = x.to(device, dtype)
+        with torch.no_grad():
+            out, target = exact_deps_dgamma(model, x, gamma.to(device), schedule)
+        result.append(ValidationBucket(lo, hi, x, out, gamma.to(device), target))
+    return result
+
+
+@torch.no_grad()
+def relative_errors(head, buckets: list[ValidationBucket]) -> list[dict]:
+    """Per bucket, ``sqrt(Σ ‖k_ψ − dε/dγ‖² / Σ ‖dε/dγ‖²)`` over its samples."""
+    rows = []
+    for b in buckets:
+        pred = head(b.x, b.out, b.gamma).to(torch.float64)
+        target = b.target.to(torch.float64)
+        err = float((pred - target).square().sum().sqrt() / target.square().sum().sqrt().clamp_min(1e-300))
+        rows.append({"t_min": b.t_min, "t_max": b.t_max, "rel_err": err})
+    return rows
+
+
+def format_validation(step: int, rows: list[dict]) -> str:
+    cells = "  ".join(f"t∈[{r['t_min']:.3f},{r['t_max']:.3f}]: {r['rel_err']:.4f}" for r in rows)
+    return f"step {step} relative error of dε/dγ  {cells}"
