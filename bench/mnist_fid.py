@@ -291,7 +291,7 @@ def main() -> None:
     lines = [
         f"Fréchet distance in the 128-d feature space of a small CNN (held-out accuracy {acc:.2%}), "
         f"{args.samples} samples (seed {args.seed}, {args.striding} striding) vs the {len(held_out[1])} held-out digits; lower is better.",
-        f"Floor, data vs data (1,000 training digits): {floor:.3f}. Genie head cost: {head.nfe_overhead:.3f} of a call per step. "
+        f"Floor, data vs data (1,000 training digits): {floor:.3f}. Genie head cost per step: {head.cost}. "
         f"{peer_note}. Matrix square root: {method}"
         + (f" (the eigh route agrees within {worst_gap[0]:.1e} on every entry)" if method == "scipy" else "")
         + f". Wall time {total / 60:.1f} min on {args.threads} thread(s).",

@@ -8,7 +8,7 @@ Same noise for every method; the ground truth is the float64 RK4 solution
 at t_end (the diffusers peers too, see bench/peers.py).  NFE counts network calls; the
 genie rows use the distilled head, whose measured cost (a fraction of one call) is
 printed separately.  ``genie + AFS`` spends its NFE on steps 2…N+1 after the analytic
-first step.  ``genie_exact`` is listed at NFE // 3 steps (a JVP counts as 2 calls), and
+first step.  ``genie_exact`` is listed at NFE // 4 steps (forward + JVP pass ≈ 4 forward passes by FLOPs), and
 ``genie_exact + AFS (steps = NFE + 1)`` is what a perfect head would reach at one call
 per step.
 """
@@ -69,12 +69,12 @@ def main() -> None:
     table["genie (head)"] = [err("genie", n, head=head) for n in nfes]
     table["genie (head) + AFS"] = [err("genie", n + 1, head=head, afs=True) for n in nfes]
     table["ddim + AFS"] = [err("ddim", n + 1, afs=True) for n in nfes]
-    table["genie_exact"] = [err("genie_exact", n // 3) for n in nfes]
+    table["genie_exact"] = [err("genie_exact", n // 4) for n in nfes]  # forward + JVP pass ≈ 4 forward passes by FLOPs
     table["genie_exact + AFS (steps = NFE + 1)"] = [err("genie_exact", n + 1, afs=True) for n in nfes]
     if not args.no_peers:
         peers = best_peer_errors(model, noise, truth, schedule, nfes)
         table |= {name: [e for e, _ in row] for name, row in peers.items()}
-    print(f"\nRMSE to the ground truth, {args.samples} samples, {args.striding} striding; head cost {head.nfe_overhead:.3f} of a call\n")
+    print(f"\nRMSE to the ground truth, {args.samples} samples, {args.striding} striding; head cost {head.cost}\n")
     text = markdown(table, nfes)
     print(text)
     if args.markdown:

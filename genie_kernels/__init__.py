@@ -1,16 +1,18 @@
 """genie_kernels: few-step diffusion sampling with GENIE (second-order Taylor + distilled head)."""
 
 from .checkpoint import CheckpointError
+from .cost import RelativeCost
 from .fast.graph import GenieSampler, GraphCaptureError
 from .heads.base import combine_mixed
 from .heads.conv import ConvHead
+from .heads.cost import head_cost
 from .heads.distill import DistillResult, NonFiniteLossError, distill
 from .heads.files import load_head
 from .heads.mlp import MLPHead
 from .models.adapters import HookedModel, UNet2DAdapter
 from .models.mixture import GaussianMixture, image_mixture, toy_2d
 from .models.unet import UNet, load_pretrained_unet, load_unet
-from .ode.derivative import exact_deps_dgamma
+from .ode.derivative import exact_deps_dgamma, jvp_cost
 from .ode.ground_truth import ground_truth, ode_solution, rmse
 from .ode.protocol import EpsModel, ModelOutput, as_model
 from .ode.schedules import DiscreteVPSchedule, LinearVPSchedule, VPSchedule, time_grid
@@ -46,6 +48,6 @@ __all__ = [
     "UNet", "load_unet", "load_pretrained_unet", "load_pretrained",
     "sample", "ddim", "genie", "genie_exact", "ab2", "ab3", "SolverOutput",
     "LinearVPSchedule", "DiscreteVPSchedule", "VPSchedule", "time_grid",
-    "EpsModel", "ModelOutput", "as_model", "exact_deps_dgamma",
+    "EpsModel", "ModelOutput", "as_model", "exact_deps_dgamma", "jvp_cost", "head_cost", "RelativeCost",
     "GaussianMixture", "image_mixture", "toy_2d", "ground_truth", "ode_solution", "rmse",
 ]

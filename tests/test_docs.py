@@ -58,7 +58,7 @@ def test_the_usage_example_runs_as_written():
     torch.manual_seed(0)
     names = run_block(0, {})
     assert names["x"].shape == (8, 3, 8, 8) and torch.isfinite(names["x"]).all()
-    assert names["nfe"] == 30  # 10 exact GENIE steps, each a call and a JVP (counted as 2), as the README says
+    assert names["nfe"] == 20  # 10 exact GENIE steps, each a forward call and a forward-mode call, as the README says
 
 
 def tiny_diffusers_unet():

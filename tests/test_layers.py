@@ -23,7 +23,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / ROOT
 # entry names modules or packages (a package stands for everything inside it; the root
 # package only for its __init__), and every module must fall into one of them.
 LAYERS = (
-    ("helpers", ("genie_kernels.checks", "genie_kernels.checkpoint", "genie_kernels.metrics", "genie_kernels.plotting")),
+    ("helpers", ("genie_kernels.checks", "genie_kernels.checkpoint", "genie_kernels.cost", "genie_kernels.metrics",
+                 "genie_kernels.plotting")),
     ("ode", ("genie_kernels.ode",)),
     ("models", ("genie_kernels.models",)),
     ("heads", ("genie_kernels.heads",)),

@@ -212,6 +212,6 @@ def run(args) -> int:
         print(f"step {result.step}: mean loss of the last {len(tail)} steps {sum(tail) / len(tail):.4g}")
     if result.validation and args.no_progress:  # with the progress bar it was printed already
         print(format_validation(result.validation[-1]["step"], result.validation[-1]["buckets"]))
-    print(f"head cost relative to one network call (counted in genie's NFE): {result.head.nfe_overhead:.3f}")
+    print(f"head cost (reported beside genie's NFE, not counted in it): {result.head.cost}")
     print(f"head written to {args.out}")
     return 0

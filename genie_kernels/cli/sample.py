@@ -2,8 +2,8 @@
 
 With no options: the bundled ε-UNet and its distilled head, GENIE, 10 steps (an
 analytic first step, then 9 network calls), 64 digits, seed 0, written to samples.png;
-prints the solver, the steps, the NFE (network calls plus the head's measured cost)
-and the time taken.  ``--model toy2d`` instead draws the 2-D toy mixture with DDIM and
+prints the solver, the steps, the NFE (network calls; the head's measured cost per call
+beside it) and the time taken.  ``--model toy2d`` instead draws the 2-D toy mixture with DDIM and
 the chosen solver side by side (``genie`` there is ``genie_exact``: the toy has no
 head); ``--model DIR`` loads unet.safetensors and head.safetensors from DIR.
 """
@@ -87,7 +87,8 @@ def run_model(args, device: torch.device) -> int:
                     striding=striding, backend=args.backend, return_nfe=True)
     seconds = time.perf_counter() - start
     _write(args.out, lambda path: image_grid(x.float(), path, nrow=8))
-    print(f"solver={args.solver} steps={steps} afs={not args.no_afs} striding={striding} NFE={nfe:.2f} "
+    head_note = f" + {nfe:g} head calls, each {head.cost}" if args.solver == "genie" and head.cost else ""
+    print(f"solver={args.solver} steps={steps} afs={not args.no_afs} striding={striding} NFE={nfe:g}{head_note} "
           f"({batch} samples, {args.dtype}, {seconds:.2f} s on {device}) -> {args.out}")
     return 0
 

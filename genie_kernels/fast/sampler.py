@@ -84,7 +84,6 @@ def fused_loop(
             eps, nfe = out.eps.contiguous(), nfe + 1
             if solver == "genie":
                 aux, mode = head_k(head, x, out, gammas[n].expand(batch)).to(eps.dtype).contiguous(), "genie"
-                nfe += float(getattr(head, "nfe_overhead", 0.0))
         if solver == "ab2" and eps_prev is not None:
             aux, mode = eps_prev, "ab2"
         xbar, x = update(xbar, eps, gammas, n, mode, aux)

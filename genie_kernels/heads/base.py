@@ -19,7 +19,7 @@ so the network itself only has to produce O(1) numbers.  It is trained with the 
 every noise level.
 
 Two heads follow the :class:`~genie_kernels.ode.solvers.DerivativeHead` protocol
-``head(x, model_output, gamma) -> dε/dγ`` with an ``nfe_overhead`` attribute; dε/dγ comes
+``head(x, model_output, gamma) -> dε/dγ`` and carry their measured ``cost``; dε/dγ comes
 back in x's dtype or float32 if that is wider (:func:`~genie_kernels.ode.protocol.state_dtype`), what
 the solver adds it to:
 
@@ -42,6 +42,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..cost import RelativeCost
 from ..ode.protocol import ModelOutput, state_dtype
 
 
@@ -100,7 +101,7 @@ class _HeadBase(nn.Module):
     """Shared parts: config round trip, dtype handling, input checks, temb choice."""
 
     kind = ""
-    nfe_overhead: float = 0.0
+    cost: RelativeCost | None = None  # next to one network call; measured when distillation ends
 
     def config(self) -> dict:
         raise NotImplementedError

@@ -1,36 +1,32 @@
-"""What a head costs: its time against one network call, the fraction that ``genie`` adds
-to the NFE for every head call (``head.nfe_overhead``)."""
+"""What a head costs next to one call of its network (:class:`~genie_kernels.cost.RelativeCost`).
+
+``genie`` makes one network call and one head call per step; its NFE counts the network
+calls, and the head's cost is reported beside it (``head.cost``, measured when
+distillation ends and stored in the checkpoint; :func:`head_cost` measures it anew at the
+batch and device you sample with).
+"""
 
 from __future__ import annotations
-
-import time
 
 import torch
 from torch import Tensor
 
+from ..cost import RelativeCost, relative_cost
+from ..ode.protocol import as_model
+from ..ode.schedules import schedule_of
+
 
 @torch.no_grad()
-def measure_nfe_overhead(head, model, x: Tensor, t: Tensor, gamma: Tensor, repeats: int = 5) -> float:
-    """Time the head against one network call on ``(x, t)``; set and return ``head.nfe_overhead``.
+def head_cost(head, model, x: Tensor, t: Tensor | None = None, *, repeats: int = 9) -> RelativeCost:
+    """FLOP and time ratio of ``head`` to one call of ``model`` at ``(x, t)`` (default t = 0.5).
 
-    Wall-clock medians over ``repeats`` calls after a warm-up; on a GPU it synchronises.
-    The ratio is what ``genie`` adds to the NFE count for each head call.
+    The time ratio is a median over ``repeats`` interleaved calls; on a loaded machine it
+    varies, the FLOP ratio does not.
     """
-    def median_seconds(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
-            start = time.perf_counter()
-            fn()
-            if x.is_cuda:
-                torch.cuda.synchronize(x.device)
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-
+    model = as_model(model)
+    if t is None:
+        t = torch.full((x.shape[0],), 0.5, dtype=x.dtype, device=x.device)
+    gamma = schedule_of(model).gamma(t.to(torch.float64)).to(x.device)
     out = model.forward_features(x, t)
-    network = median_seconds(lambda: model.forward_features(x, t))
-    overhead = median_seconds(lambda: head(x, out, gamma)) / max(network, 1e-12)
-    head.nfe_overhead = float(overhead)
-    return head.nfe_overhead
+    return relative_cost(lambda: head(x, out, gamma), lambda: model.forward_features(x, t), repeats=repeats,
+                         device=x.device)

@@ -47,10 +47,10 @@ from ..checks import check_int
 from ..ode.derivative import exact_deps_dgamma
 from ..ode.protocol import as_model
 from ..ode.schedules import VPSchedule, schedule_of
-from .cost import measure_nfe_overhead
+from .cost import head_cost
 from .data import (data_sampler, format_validation, hold_out, noisy_batch, probe_model, relative_errors, validation_set,
                    weighted_loss)
-from .files import FORMAT, model_identity
+from .files import FORMAT, model_identity, stored_cost
 
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -178,8 +178,9 @@ def distill(
     Returns:
         :class:`DistillResult`.  At the end the head's cost relative to one network call is
         measured (on a validation batch, or without validation on a batch of ``batch_size``)
-        and stored as ``head.nfe_overhead`` and in the checkpoint, from which a resume
-        restores it, so ``genie`` counts it in the NFE.
+        and stored as ``head.cost`` (a :class:`~genie_kernels.cost.RelativeCost`, FLOP and
+        time ratios) and in the checkpoint, from which a resume restores it.  It is
+        reported beside genie's NFE, not counted in it.
     """
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -223,16 +224,17 @@ def distill(
         start = int(config["step"])
         losses = restore_training(tensors, out, start, optimizer, gen, **_run_state(head, ema_head))
         validation = list(config.get("validation", []))
-        head.nfe_overhead = float(config.get("nfe_overhead", 0.0))  # measured when that run finished
+        head.cost = stored_cost(config, out)  # measured when that run finished
         if ema_head is not None:
-            ema_head.nfe_overhead = head.nfe_overhead
+            ema_head.cost = head.cost
 
     def save(step: int) -> None:
         if out is None or rank != 0:
             return
         tensors = training_tensors(optimizer, gen, losses, **_run_state(head, ema_head))
+        cost = getattr(head, "cost", None)
         config = dict(expect, step=step, ema=ema_head is not None, validation=validation,
-                      nfe_overhead=float(getattr(head, "nfe_overhead", 0.0)))
+                      cost=None if cost is None else dict(cost.config(), batch=cost_batch[0], device=str(device)))
         save_checkpoint(out, tensors, config)
 
     val_buckets_data = None
@@ -251,9 +253,11 @@ def distill(
         if progress:
             bar.write(format_validation(step, rows))
 
-    def measure_overhead() -> None:
-        """Set ``head.nfe_overhead`` to the head's cost relative to one network call (rank 0),
-        on the first validation bucket or, without validation, on a batch of its own."""
+    cost_batch = [batch_size]
+
+    def measure_cost() -> None:
+        """Set ``head.cost`` to the head's cost relative to one network call (rank 0), on the
+        first validation bucket or, without validation, on a batch of its own."""
         if rank != 0:
             return
         if val_buckets_data is not None:
@@ -263,8 +267,8 @@ def distill(
             x, gamma = x.to(device, dtype), gamma.to(device)
         t = schedule.t_from_gamma(gamma.to(torch.float64)).to(x.dtype)
         final = ema_head if ema_head is not None else head
-        head.nfe_overhead = measure_nfe_overhead(final, model, x, t, gamma)
-        final.nfe_overhead = head.nfe_overhead
+        head.cost = final.cost = head_cost(final, model, x, t)
+        cost_batch[0] = x.shape[0]
 
     train_head = head
     if world > 1:
@@ -316,7 +320,7 @@ def distill(
                 break
         if start < last:
             validate(last, bar)
-            measure_overhead()
+            measure_cost()
             save(last)
     finally:
         bar.close()

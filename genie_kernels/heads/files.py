@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_module_tensors, read_config
+from ..cost import RelativeCost
 from ..ode.protocol import as_model
 from .build import head_from_config
 
@@ -62,6 +63,21 @@ def model_identity(model) -> dict:
     return identity
 
 
+def stored_cost(config: dict, path) -> RelativeCost | None:
+    """The head's cost recorded in a checkpoint's config (None where the run has not
+    finished).  A checkpoint from before FLOPs were counted holds only a time ratio
+    (``nfe_overhead``)."""
+    cost = config.get("cost")
+    if cost is None and "nfe_overhead" in config:
+        cost = {"flops": None, "time": config["nfe_overhead"]}
+    if cost is None:
+        return None
+    try:
+        return RelativeCost.from_config(cost)
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint {path} has an invalid head cost: {err}") from err
+
+
 def load_head(path, model=None, use_ema: bool = True, device=None) -> nn.Module:
     """Load a distilled head from a checkpoint written by :func:`distill`.
 
@@ -88,7 +104,7 @@ def load_head(path, model=None, use_ema: bool = True, device=None) -> nn.Module:
     dtype = getattr(torch, str(config.get("training", {}).get("dtype", "float32")).replace("torch.", ""))
     head.to(dtype=dtype)
     load_module_tensors(head, tensors, prefix, path)
-    head.nfe_overhead = float(config.get("nfe_overhead", 0.0))
+    head.cost = stored_cost(config, path)
     if device is not None:
         head.to(device)
     return head.eval().requires_grad_(False)

@@ -7,8 +7,9 @@ Along ``dx̄/dγ = ε(x, t)`` with ``x = x̄ / sqrt(1+γ²)`` and ``t = t(γ)``:
 
 Both Jacobian-vector products come from one ``torch.func.jvp`` call with tangents
 ``(dx/dγ, dt/dγ)``.  ``dx/dγ`` needs ε first, so the exact derivative costs one forward
-pass plus one forward-mode pass (primal and tangent, about ``JVP_NFE`` forward passes).
-It is the "exact GENIE" oracle and the distillation target.
+pass plus one forward-mode pass (primal and tangent; :func:`jvp_cost` measures what that
+pass costs next to a forward pass).  It is the "exact GENIE" oracle and the distillation
+target.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..cost import RelativeCost, relative_cost
 from .protocol import ModelOutput, as_model, checked_call
 from .schedules import VPSchedule
-
-# Network evaluations charged for one forward-mode pass (primal + tangent).
-JVP_NFE = 2.0
 
 
 def _per_sample(value: Tensor, x: Tensor) -> Tensor:
@@ -61,3 +60,16 @@ def exact_deps_dgamma(
         raise RuntimeError("the exact dε/dγ differentiates the model in forward mode (torch.func.jvp), and its "
                            f"forward failed under it: {str(err).splitlines()[0]}. To fix it, {advice}") from err
     return out, deps
+
+
+def jvp_cost(model, x: Tensor, schedule: VPSchedule, gamma: Tensor | None = None, *, repeats: int = 9) -> RelativeCost:
+    """Cost of the forward-mode pass of :func:`exact_deps_dgamma` relative to one forward
+    pass of ``model`` at ``x`` (default γ = 1, t ≈ 0.35 on the default schedule)."""
+    model = as_model(model)
+    if gamma is None:
+        gamma = torch.ones(x.shape[0], dtype=torch.float64, device=x.device)
+    t = schedule.t_from_gamma(gamma.to(torch.float64)).to(x.dtype)
+    with torch.no_grad():
+        out = checked_call(model, x, t)
+    return relative_cost(lambda: exact_deps_dgamma(model, x, gamma, schedule, out),
+                         lambda: model.forward_features(x, t), repeats=repeats, device=x.device)

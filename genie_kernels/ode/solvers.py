@@ -23,9 +23,11 @@ Options shared by all:
 Time values stay in float64; the model sees ``x.dtype``.  The state x̄ and the increments
 added to it are float32 at least (float64 for float64 noise), as in the fused loops: for a
 half-precision network only x, its input, is rounded to half precision, not the sum that
-carries the whole trajectory.  Each solver returns the sample
-(shaped like ``noise``) and the number of network evaluations it used, counting a
-forward-mode JVP as ``JVP_NFE`` evaluations and a head as its ``nfe_overhead``.
+carries the whole trajectory.  Each solver returns the sample (shaped like ``noise``) and
+its NFE, the number of network calls it made: a forward-mode pass of the exact derivative
+is one call (its cost, about three forward passes by FLOPs, is measured by
+:func:`~genie_kernels.ode.derivative.jvp_cost`), and a head call is none (its cost is
+``head.cost``, reported beside the NFE, not folded into it).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Callable, NamedTuple, Optional, Protocol
 import torch
 from torch import Tensor
 
-from .derivative import JVP_NFE, exact_deps_dgamma
+from .derivative import exact_deps_dgamma
 from .protocol import ModelOutput, as_model, checked_call, state_dtype
 from .schedules import VPSchedule, check_schedule, checked_grid
 
@@ -51,11 +53,8 @@ class DerivativeHead(Protocol):
     """What ``genie`` needs of a head: ``head(x, model_output, gamma) -> dε/dγ`` (any dtype;
     the bundled heads return float32 for half-precision x, the precision of the state).
 
-    ``gamma`` has shape (B,).  ``nfe_overhead`` is the head's cost as a fraction of one
-    network call, added to the NFE count.
+    ``gamma`` has shape (B,).  A head call is not counted in the NFE.
     """
-
-    nfe_overhead: float
 
     def __call__(self, x: Tensor, out: ModelOutput, gamma: Tensor) -> Tensor: ...
 
@@ -147,7 +146,6 @@ def genie(
 
     def derivative(n):
         out = traj.model_output(n)
-        traj.nfe += float(getattr(head, "nfe_overhead", 0.0))
         return out.eps, head(traj.x, out, traj.gamma_batch(n))
 
     _ttm2(traj, derivative, afs, callback)
@@ -156,17 +154,18 @@ def genie(
 
 def genie_exact(
     model, noise: Tensor, ts: Tensor, schedule: VPSchedule,
-    *, afs=False, denoise=False, callback: Callback = None, jvp_nfe: float = JVP_NFE,
+    *, afs=False, denoise=False, callback: Callback = None,
 ) -> SolverOutput:
     """Exact GENIE: TTM2 with dε/dγ from ``torch.func.jvp`` (see :mod:`.derivative`).
 
-    Each step costs one forward pass and one forward-mode pass (``1 + jvp_nfe`` NFE).
+    Each step makes two network calls, a forward pass and a forward-mode pass (NFE 2 per
+    step; by FLOPs the pair costs about four forward passes, see :func:`.jvp_cost`).
     """
     traj = _Trajectory(model, noise, ts, schedule)
 
     def derivative(n):
         out, deps = exact_deps_dgamma(traj.model, traj.x, traj.gamma_batch(n), schedule, traj.model_output(n))
-        traj.nfe += jvp_nfe
+        traj.nfe += 1
         return out.eps, deps
 
     _ttm2(traj, derivative, afs, callback)

@@ -10,7 +10,8 @@ import genie_kernels as gk
 from genie_kernels.heads.base import combine_mixed
 from genie_kernels.heads.build import head_for, head_from_config
 from genie_kernels.heads.conv import ConvHead
-from genie_kernels.heads.cost import measure_nfe_overhead
+from genie_kernels.cost import RelativeCost, relative_cost
+from genie_kernels.heads.cost import head_cost
 from genie_kernels.heads.mlp import MLPHead
 from genie_kernels.ode.protocol import ModelOutput
 
@@ -137,29 +138,39 @@ def test_unknown_head_config_is_rejected():
         head_from_config({"type": "conv", "channels": 1, "colour": "red"})
 
 
-def test_genie_with_a_zero_head_is_ddim_and_counts_the_head_overhead(image_mix, image_noise):
+def test_genie_with_a_zero_head_is_ddim_and_does_not_count_the_head(image_mix, image_noise):
     head = ConvHead(3, nf=8, groups=4).double()
-    head.nfe_overhead = 0.25
+    head.cost = RelativeCost(flops=0.25, time=0.3)
     x_genie, nfe = gk.sample(image_mix, image_noise, 4, solver="genie", head=head, return_nfe=True)
     x_ddim = gk.sample(image_mix, image_noise, 4, solver="ddim")
     torch.testing.assert_close(x_genie, x_ddim, rtol=0, atol=0)
-    assert nfe == pytest.approx(4 * 1.25)
+    assert nfe == 4  # network calls; the head's cost is reported beside
 
 
-def test_measure_nfe_overhead_sets_a_positive_ratio(image_mix):
-    head = ConvHead(3, nf=8, groups=4)
-    x = torch.randn(2, 3, 8, 8)
-    t = torch.full((2,), 0.5)
-    ratio = measure_nfe_overhead(head, image_mix, x, t, image_mix.schedule.gamma(t), repeats=3)
-    assert ratio > 0 and head.nfe_overhead == ratio
+def test_head_cost_counts_flops_of_the_head_against_the_network():
+    """A conv head on a UNet: its FLOP ratio is what FlopCounterMode counts for each, and the
+    time ratio is positive."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = gk.UNet(image_size=8, channels=8, channel_mults=(1, 2), attn_resolutions=(4,), norm_groups=4).eval()
+    head = ConvHead(1, feature_channels=model.feature_channels, temb_channels=model.temb_dim, nf=8, groups=4)
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
+    cost = head_cost(head, model, x, t, repeats=3)
+    out = model.forward_features(x, t)
+    with FlopCounterMode(display=False) as network:
+        model.forward_features(x, t)
+    with FlopCounterMode(display=False) as head_flops:
+        head(x, out, model.schedule.gamma(t.double()))
+    assert cost.flops == pytest.approx(head_flops.get_total_flops() / network.get_total_flops(), rel=1e-12)
+    assert 0 < cost.flops < 2 and cost.time > 0
 
 
-def test_measure_nfe_overhead_is_head_time_over_network_time(monkeypatch):
-    """On a fake clock where a network call takes 4 s and a head call 1 s, the ratio is 0.25."""
-    import genie_kernels.heads.cost as head_module
+def test_relative_cost_is_median_time_over_network_time(monkeypatch):
+    """On a fake clock where a network call takes 4 s and the other call 1 s, the ratio is 0.25."""
+    import genie_kernels.cost as cost_module
 
     clock = [0.0]
-    monkeypatch.setattr(head_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(cost_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     class SlowNetwork(gk.EpsModel):
         def forward_features(self, x, t):
@@ -171,8 +182,18 @@ def test_measure_nfe_overhead_is_head_time_over_network_time(monkeypatch):
             clock[0] += 1.0
             return x
 
-    head, x, t = QuickHead(), torch.randn(2, 3), torch.full((2,), 0.5)
-    assert measure_nfe_overhead(head, SlowNetwork(), x, t, t, repeats=3) == 0.25 == head.nfe_overhead
+    head, network, x, t = QuickHead(), SlowNetwork(), torch.randn(2, 3), torch.full((2,), 0.5)
+    out = network.forward_features(x, t)
+    cost = relative_cost(lambda: head(x, out, t), lambda: network.forward_features(x, t), repeats=3)
+    assert cost.time == 0.25 and cost.flops is None  # the network has no counted FLOPs
+    assert RelativeCost.from_config(cost.config()) == cost
+
+
+@pytest.mark.parametrize("bad", [None, [0.1, 0.2], {"flops": 0.1}, {"time": 0.1}, {"flops": -1.0, "time": 0.1},
+                                 {"flops": float("nan"), "time": 0.1}, {"flops": True, "time": 0.1}])
+def test_relative_cost_from_a_bad_config_is_refused(bad):
+    with pytest.raises(ValueError, match="cost"):
+        RelativeCost.from_config(bad)
 
 
 def test_log_gamma_embedding_is_sin_and_cos_of_log_gamma_at_geometric_frequencies():
