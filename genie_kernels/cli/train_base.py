@@ -7,7 +7,7 @@ every --ckpt-every steps and DIR/samples_<step>.png (DDIM, 20 steps, EMA weights
 run exactly (--steps may be raised).
 
 Export: ``train-base --out DIR --export`` writes the EMA weights of DIR's checkpoint,
-their config, PROVENANCE.md and samples.png to genie_kernels/pretrained/mnist/
+their config, PROVENANCE.md and samples.png to genie_kernels/zoo/weights/mnist/
 (or --export-to).
 """
 
@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="probability of replacing a label by the null label (default 0.1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--export", action="store_true", help="export OUT's checkpoint as the shipped model instead of training")
-    p.add_argument("--export-to", default=str(PRETRAINED_DIR / "mnist"), help="export folder (default: the package's pretrained/mnist)")
+    p.add_argument("--export-to", default=str(PRETRAINED_DIR / "mnist"), help="export folder (default: the package's zoo/weights/mnist)")
     p.add_argument("--export-dtype", choices=("float32", "float16"), default="float32", help="dtype of exported weights")
 
 

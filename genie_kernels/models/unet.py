@@ -332,7 +332,7 @@ def load_unet(path, return_config: bool = False):
 
 
 def load_pretrained_unet(path=None, return_config: bool = False):
-    """Load the bundled MNIST UNet (``genie_kernels/pretrained/mnist/unet.safetensors``) or ``path``.
+    """Load the bundled MNIST UNet (``genie_kernels/zoo/weights/mnist/unet.safetensors``) or ``path``.
 
     ``path`` may be a file or a folder holding ``unet.safetensors``.  See :func:`load_unet`.
     """

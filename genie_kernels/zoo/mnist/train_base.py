@@ -320,7 +320,7 @@ def export_pretrained(checkpoint, out_dir=PRETRAINED_DIR / "mnist", dtype: torch
         "",
         f"- **Weights**: `unet.safetensors`, EMA weights (decay {train['ema_decay']}) in {shipped['dtype']}, "
         f"{params:,} parameters, {size / 1e6:.2f} MB of tensors; config in `unet.json` and in the file's metadata.",
-        f"- **Model**: `genie_kernels.unet.UNet` with {json_inline(config['unet'])}.",
+        f"- **Model**: `genie_kernels.models.unet.UNet` with {json_inline(config['unet'])}.",
         f"- **Data**: {data.get('description', 'MNIST')}: {data.get('count', '?')} training digits "
         f"(split `{data.get('split', '?')}` of `genie_kernels.mnist`, 1,000 held out), "
         f"pad {data.get('pad', '?')}, pixels scaled to [-1, 1]; read from `{data.get('source', '?')}`; "
