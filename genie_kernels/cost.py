@@ -49,8 +49,9 @@ class RelativeCost(NamedTuple):
         return cls(**values)
 
     def __str__(self) -> str:
-        flops = "uncounted" if self.flops is None else f"{self.flops:.3f}"
-        return f"{flops} of a network call by FLOPs, {self.time:.3f} by time"
+        if self.flops is None:
+            return f"{self.time:.3f} of a network call by time (FLOPs not counted)"
+        return f"{self.flops:.3f} of a network call by FLOPs, {self.time:.3f} by time"
 
 
 def count_flops(fn: Callable[[], object]) -> int:

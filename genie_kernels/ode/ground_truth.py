@@ -69,4 +69,4 @@ def rmse(sample: Tensor, reference: Tensor) -> float:
     """Root-mean-square error over all elements, in float64; the two must have one shape."""
     if sample.shape != reference.shape:
         raise ValueError(f"rmse needs two tensors of one shape, got {tuple(sample.shape)} and {tuple(reference.shape)}")
-    return float((sample.to(torch.float64) - reference.to(torch.float64)).square().mean().sqrt())
+    return float((sample.detach().to(torch.float64) - reference.detach().to(torch.float64)).square().mean().sqrt())
