@@ -72,3 +72,38 @@ def test_bad_conditions_are_refused_before_training(model):
         run(model, LABELS, cond_drop=1.5)
     with pytest.raises(TypeError, match="needs the training data as a tensor"):
         gk.distill(model, head(), lambda n, g: DATA[:n], cond=LABELS, steps=1, progress=False)
+
+
+def test_a_resumed_conditional_run_repeats_the_uninterrupted_one(model, tmp_path):
+    whole = run(model, LABELS, steps=4, val_size=0, cond_drop=0.5)
+    run(model, LABELS, steps=2, val_size=0, cond_drop=0.5, out=tmp_path / "h.safetensors")
+    resumed = run(model, LABELS, steps=4, val_size=0, cond_drop=0.5, out=tmp_path / "h.safetensors", resume=True)
+    assert resumed.losses == whole.losses
+
+
+def test_cli_distill_conditional(model, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from genie_kernels.checkpoint import read_config, save_checkpoint
+    from genie_kernels.cli import main
+    from genie_kernels.models.unet import UNET_KIND
+
+    unet = save_checkpoint(tmp_path / "unet.safetensors", model.state_dict(), {"kind": UNET_KIND, "unet": COND})
+    data = tmp_path / "digits.safetensors"
+    save_file({"data": DATA.contiguous(), "labels": LABELS.contiguous()}, str(data))
+    out = tmp_path / "head.safetensors"
+
+    def command(data, out):
+        return ["distill", "--model", str(unet), "--data", str(data), "--out", str(out), "--nf", "8", "--groups", "4",
+                "--batch-size", "4", "--steps", "2", "--val-size", "6", "--val-buckets", "2", "--no-progress",
+                "--conditional"]
+
+    assert main(command(data, out) + ["--cond-drop", "0.3"]) == 0
+    config = read_config(out)
+    assert config["training"]["cond_drop"] == 0.3
+    assert [r["condition"] for r in config["validation"][-1]["buckets"]] == ["conditional"] * 2 + ["unconditional"] * 2
+    assert "unconditional t∈" in capsys.readouterr().out
+    unlabelled = tmp_path / "images.safetensors"
+    save_file({"data": DATA.contiguous()}, str(unlabelled))
+    assert main(command(unlabelled, tmp_path / "h2.safetensors")) == 2
+    assert "no tensor named 'labels'" in capsys.readouterr().err
