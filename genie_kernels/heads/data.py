@@ -65,6 +65,29 @@ def paired_sampler(data: Tensor, cond: Tensor, replace: bool = True) -> Callable
     return draw
 
 
+def check_conditions(model, data, cond, cond_drop, val_size: int):
+    """``(training conditions, held-out conditions or None, null condition (1, ...) or None)``
+    for ``distill(cond=...)``, checked against the model before any work; None without ``cond``."""
+    if isinstance(cond_drop, bool) or not isinstance(cond_drop, (int, float)) or not 0.0 <= cond_drop <= 1.0:
+        raise ValueError(f"cond_drop must be a probability in [0, 1], got {cond_drop!r}")
+    if cond is None:
+        return None
+    if not isinstance(data, Tensor):
+        raise TypeError(f"distill(cond=...) needs the training data as a tensor (N, ...) with one condition per row, "
+                        f"got {type(data).__name__}")
+    if not isinstance(cond, Tensor) or cond.dim() == 0 or cond.shape[0] != data.shape[0]:
+        shape = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
+        raise ValueError(f"cond must be a tensor with one condition per training sample ({data.shape[0]}), got {shape}")
+    if not model.conditional:
+        raise ValueError(f"{type(model).__name__} is unconditional: it takes no condition (cond=None)")
+    if data.shape[0] <= val_size:
+        raise ValueError(f"{data.shape[0]} training samples cannot spare {val_size} for validation")
+    model.check_cond(cond, cond.shape[0], cond.device)  # labels in range, embedding shapes
+    null = model.null_cond(1, cond.device).to(cond.dtype) if cond_drop or val_size else None
+    split = cond.shape[0] - val_size
+    return cond[:split], (cond[split:] if val_size else None), null
+
+
 def noisy_conditional_batch(sample_pair, gen: torch.Generator, batch: int, schedule: VPSchedule, t_min: float,
                             t_max: float, null: Tensor | None = None, drop: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """``(x_t, γ, cond)`` as :func:`noisy_batch`, each sample with its condition, replaced by

@@ -44,7 +44,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import (CheckpointError, load_checkpoint, read_config, restore_training, save_checkpoint,
@@ -55,8 +55,8 @@ from ..ode.guidance import GuidedModel
 from ..ode.protocol import as_model
 from ..ode.schedules import VPSchedule, schedule_of
 from .cost import head_cost
-from .data import (data_sampler, format_validation, hold_out, noisy_batch, noisy_conditional_batch, paired_sampler,
-                   probe_model, relative_errors, validation_set, weighted_loss)
+from .data import (check_conditions, data_sampler, format_validation, hold_out, noisy_batch, noisy_conditional_batch,
+                   paired_sampler, probe_model, relative_errors, validation_set, weighted_loss)
 from .files import FORMAT, model_identity, stored_cost
 
 
@@ -70,7 +70,7 @@ class NonFiniteLossError(FloatingPointError):
 class DistillResult(NamedTuple):
     head: nn.Module          # the head to sample with: the EMA copy if ema_decay > 0
     losses: list             # loss of every step from step 1 (also those before a resume)
-    validation: list         # [{"step", "buckets": [{"t_min", "t_max", "rel_err"}]}] (rank 0)
+    validation: list         # [{"step", "buckets": [{"t_min", "t_max", "rel_err"} (+ "condition" with cond=)]}] (rank 0)
     step: int                # steps completed
 
 
@@ -213,7 +213,7 @@ def distill(
 
     param = next(head.parameters())
     dtype, device = param.dtype, param.device
-    conditions = _check_conditions(model, data, cond, cond_drop, val_size, device)
+    conditions = check_conditions(model, data, cond, cond_drop, val_size)
     if conditions is not None:
         cond, val_cond, null = conditions
         data, val_data = data[: data.shape[0] - val_size], data[data.shape[0] - val_size:]
@@ -370,29 +370,6 @@ def distill(
         dist.barrier()
     final = ema_head if ema_head is not None else head
     return DistillResult(final.eval(), losses, validation, last)
-
-
-def _check_conditions(model, data, cond, cond_drop, val_size: int, device):
-    """``(training conditions, held-out conditions or None, null condition (1, ...) or None)``
-    for ``distill(cond=...)``, checked against the model before any work; None without ``cond``."""
-    if isinstance(cond_drop, bool) or not isinstance(cond_drop, (int, float)) or not 0.0 <= cond_drop <= 1.0:
-        raise ValueError(f"cond_drop must be a probability in [0, 1], got {cond_drop!r}")
-    if cond is None:
-        return None
-    if not isinstance(data, Tensor):
-        raise TypeError(f"distill(cond=...) needs the training data as a tensor (N, ...) with one condition per row, "
-                        f"got {type(data).__name__}")
-    if not isinstance(cond, Tensor) or cond.dim() == 0 or cond.shape[0] != data.shape[0]:
-        shape = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
-        raise ValueError(f"cond must be a tensor with one condition per training sample ({data.shape[0]}), got {shape}")
-    if not model.conditional:
-        raise ValueError(f"{type(model).__name__} is unconditional: it takes no condition (cond=None)")
-    if data.shape[0] <= val_size:
-        raise ValueError(f"{data.shape[0]} training samples cannot spare {val_size} for validation")
-    model.check_cond(cond, cond.shape[0], cond.device)  # labels in range, embedding shapes
-    null = model.null_cond(1, cond.device).to(cond.dtype) if cond_drop or val_size else None
-    split = cond.shape[0] - val_size
-    return cond[:split], (cond[split:] if val_size else None), null
 
 
 def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
