@@ -9,10 +9,11 @@ from .heads.cost import head_cost
 from .heads.distill import DistillResult, NonFiniteLossError, distill
 from .heads.files import load_head
 from .heads.mlp import MLPHead
-from .models.adapters import HookedModel, UNet2DAdapter
+from .models.adapters import HookedModel, UNet2DAdapter, UNet2DConditionAdapter
 from .models.mixture import GaussianMixture, image_mixture, toy_2d
 from .models.unet import UNet, load_pretrained_unet, load_unet
 from .ode.derivative import exact_deps_dgamma, jvp_cost
+from .ode.guidance import Guidance, GuidedModel
 from .ode.ground_truth import ground_truth, ode_solution, rmse
 from .ode.protocol import EpsModel, ModelOutput, as_model
 from .ode.schedules import DiscreteVPSchedule, LinearVPSchedule, VPSchedule, time_grid
@@ -44,10 +45,10 @@ def backends() -> dict[str, tuple[bool, str]]:
 
 __all__ = [
     "backends", "distill", "DistillResult", "NonFiniteLossError", "load_head", "CheckpointError",
-    "GenieSampler", "GraphCaptureError", "ConvHead", "MLPHead", "combine_mixed", "HookedModel", "UNet2DAdapter",
+    "GenieSampler", "GraphCaptureError", "ConvHead", "MLPHead", "combine_mixed", "HookedModel", "UNet2DAdapter", "UNet2DConditionAdapter",
     "UNet", "load_unet", "load_pretrained_unet", "load_pretrained",
     "sample", "ddim", "genie", "genie_exact", "ab2", "ab3", "SolverOutput",
     "LinearVPSchedule", "DiscreteVPSchedule", "VPSchedule", "time_grid",
-    "EpsModel", "ModelOutput", "as_model", "exact_deps_dgamma", "jvp_cost", "head_cost", "RelativeCost",
+    "EpsModel", "ModelOutput", "as_model", "Guidance", "GuidedModel", "exact_deps_dgamma", "jvp_cost", "head_cost", "RelativeCost",
     "GaussianMixture", "image_mixture", "toy_2d", "ground_truth", "ode_solution", "rmse",
 ]

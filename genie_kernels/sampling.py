@@ -8,18 +8,23 @@ from torch import Tensor
 from .checks import check_noise
 from .fast.sampler import check_fused_solver, fused_supports
 from .ode import solvers
+from .ode.guidance import check_guidance_options, guided_models
 from .ode.schedules import DEFAULT_STRIDING, STRIDINGS, VPSchedule, check_steps, check_t_end, schedule_of, time_grid
 from .ode.solvers import check_model_and_head
 
 BACKENDS = ("auto", "reference", "triton", "cpp", "cuda_graph")
 
 
-def resolve_backend(backend: str, solver: str, head, noise: Tensor) -> str:
-    """The backend that will run; raises when the one asked for cannot run here."""
+def resolve_backend(backend: str, solver: str, head, noise: Tensor, conditioned: bool = False) -> str:
+    """The backend that will run; raises when the one asked for cannot run here.  With a
+    condition (``conditioned``) only the reference runs, and ``auto`` picks it."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "reference":
-        return backend
+    if backend == "reference" or (backend == "auto" and conditioned):
+        return "reference"
+    if conditioned:
+        raise ValueError(f"backend={backend!r} does not run conditional or guided sampling yet (cond=, "
+                         "guidance_scale=); use backend='reference'")
     from .fast import triton_status
 
     if backend == "auto":
@@ -58,6 +63,10 @@ def sample(
     backend: str = "auto",
     callback=None,
     return_nfe: bool = False,
+    cond=None,
+    guidance_scale: float = 1.0,
+    uncond=None,
+    guidance_interval: tuple[float, float] | None = None,
 ):
     """Sample from a noise-prediction diffusion model by solving the DDIM ODE.
 
@@ -82,6 +91,17 @@ def sample(
             solver, else the reference.  :func:`genie_kernels.backends` says what runs here.
         callback: called after every step with ``{"i", "t", "x", "eps"}``.
         return_nfe: also return the number of network evaluations used.
+        cond: the condition for a conditional model (class labels as an integer tensor of
+            shape (B,) or one label, text embeddings as a tensor of batch B or 1); None:
+            unconditional.
+        guidance_scale: classifier-free guidance w: ``ε = ε_u + w (ε_c − ε_u)`` (1: the
+            conditional model, 0: the unconditional one); both halves go through the network
+            in one call of batch 2B, counted as one network call.  Only the reference backend
+            runs conditional sampling.
+        uncond: the null condition for guidance; None: the model's own (the bundled UNet's
+            null label; an adapter's ``null_cond``).
+        guidance_interval: ``(t_lo, t_hi)``: apply the scale only for ``t_lo ≤ t ≤ t_hi``
+            and sample conditionally (w = 1) elsewhere; None: at every step.
 
     Returns:
         the sample shaped like ``noise``; with ``return_nfe`` a :class:`SolverOutput`
@@ -95,12 +115,17 @@ def sample(
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(info), got {type(callback).__name__}")
     check_model_and_head(model, solver, head)
+    guidance = check_guidance_options(cond, guidance_scale, uncond, guidance_interval)
+    if guidance is not None:
+        guided_models(model, guidance, noise)  # the condition's checks, before any sampling work
 
     schedule = schedule_of(model, schedule)
     ts = time_grid(schedule, steps, t_end, striding)
     extra = {"head": head} if solver == "genie" else {}
+    if guidance is not None:
+        extra["guidance"] = guidance
     with torch.no_grad():  # forward-mode AD (genie_exact) works without autograd
-        chosen = resolve_backend(backend, solver, head, noise)
+        chosen = resolve_backend(backend, solver, head, noise, guidance is not None)
         if chosen == "cuda_graph":
             if callback is not None:
                 raise ValueError("backend='cuda_graph' replays the whole loop at once and cannot call a callback")

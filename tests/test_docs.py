@@ -45,8 +45,9 @@ def test_every_module_path_in_the_readme_resolves():
 
 
 def test_the_readme_has_the_python_examples_these_tests_run():
-    assert len(BLOCKS) == 3
-    assert "gk.load_pretrained" in BLOCKS[0] and "gk.distill" in BLOCKS[1] and "gk.GenieSampler" in BLOCKS[2]
+    assert len(BLOCKS) == 4
+    assert "gk.load_pretrained" in BLOCKS[0] and "gk.distill" in BLOCKS[1] and "guidance_scale" in BLOCKS[2]
+    assert "gk.GenieSampler" in BLOCKS[3]
 
 
 def run_block(index: int, names: dict) -> dict:
@@ -85,6 +86,27 @@ def test_the_own_model_example_runs_as_written(tmp_path, monkeypatch):
     assert names["result"].step == 2 and (tmp_path / "head.safetensors").is_file()
 
 
+def test_the_guidance_example_runs_as_written():
+    """The example with what it leaves to the reader made small: a random class-conditional
+    UNet and conv head at 28×28, a random diffusers UNet2DConditionModel and its embeddings."""
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = gk.UNet(image_size=28, in_channels=1, channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                    attn_resolutions=(), norm_groups=4, num_classes=10).eval()
+    head = gk.ConvHead(1, feature_channels=8, temb_channels=32, nf=8, groups=4)
+    unet = diffusers.UNet2DConditionModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                          layers_per_block=1, norm_num_groups=4, cross_attention_dim=6,
+                                          attention_head_dim=4,
+                                          down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                          up_block_types=("CrossAttnUpBlock2D", "UpBlock2D")).eval()
+    names = {"torch": torch, "gk": gk, "model": model, "head": head, "unet": unet,
+             "scheduler": diffusers.DDPMScheduler(), "empty_prompt": torch.zeros(1, 3, 6),
+             "prompt": torch.randn(8, 3, 6)}
+    run_block(2, names)
+    assert names["nfe"] == 9
+    assert names["x"].shape == (8, 1, 28, 28) and torch.isfinite(names["x"]).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GenieSampler example captures a CUDA graph")
 def test_the_cuda_graph_example_runs_as_written():
     """The example with a small diffusers UNet and a head in float16 on the GPU."""
@@ -92,6 +114,6 @@ def test_the_cuda_graph_example_runs_as_written():
     head = gk.ConvHead(3, feature_channels=128, temb_channels=512, nf=64).to("cuda", torch.float16)
     names = {"torch": torch, "gk": gk, "model": model, "head": head,
              "next_noise": torch.randn(1, 3, 32, 32, device="cuda", dtype=torch.float16)}
-    run_block(2, names)
+    run_block(3, names)
     assert names["image"].shape == (1, 3, 32, 32) and torch.isfinite(names["image"]).all()
     assert names["sampler"].key == ((1, 3, 32, 32), torch.float16, names["next_noise"].device)

@@ -22,6 +22,11 @@ Data (--data):
   PATH           a tensor file: .pt (a tensor), .npy, or .safetensors (key "data"),
                  shaped (N, ...) like the model's input
 
+--conditional distils for a class-conditional model (guided sampling): every sample with
+its label (MNIST's digits, or the key "labels" of a .safetensors file), dropped to the
+model's null label with probability --cond-drop, and validation per t-bucket with the
+held-out labels and with the null label.
+
 Several processes: ``torchrun --nproc_per_node=2 -m genie_kernels distill ...``
 (gloo on the CPU, NCCL on GPUs); --batch-size is the global batch.
 
@@ -57,6 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shape", default="1,8,8", help="image shape C,H,W of --model mixture (default 1,8,8)")
     g.add_argument("--components", type=int, default=4, help="components of --model mixture (default 4)")
     g.add_argument("--mixture-seed", type=int, default=0, help="seed fixing --model mixture (default 0)")
+    g.add_argument("--conditional", action="store_true",
+                   help="distil for a class-conditional model with the data's labels (--data mnist or a .safetensors "
+                        "file with 'labels'); see above")
+    g.add_argument("--cond-drop", type=float, default=0.1,
+                   help="with --conditional: probability that a sample's label is replaced by the null label (default 0.1)")
     g.add_argument("--out", required=True, type=output_file({".safetensors"}),
                    help="checkpoint path, ending in .safetensors (a .json copy of the config is written beside it)")
     g.add_argument("--resume", action="store_true",
@@ -123,8 +133,11 @@ def load_model(spec: str, args):
     return model, schedule, None
 
 
-def load_data(spec: str, model_data):
-    """Training data for ``--data`` (see the module docstring)."""
+def load_data(spec: str, model_data, conditional: bool = False):
+    """Training data for ``--data`` (see the module docstring); with ``conditional``
+    ``(data, labels)``."""
+    if conditional:
+        return _labelled_data(spec)
     if spec == "model":
         if model_data is None:
             raise ValueError("--data model needs a model with its own data distribution (mixture, toy2d)")
@@ -154,6 +167,23 @@ def load_data(spec: str, model_data):
     return data.float()
 
 
+def _labelled_data(spec: str):
+    """``(images, labels)`` for ``--conditional``: MNIST, or a .safetensors file with 'data' and 'labels'."""
+    if spec == "mnist" or spec.startswith("mnist:"):
+        from ..zoo.mnist.data import default_data_dir, load_mnist
+        return load_mnist(spec.split(":", 1)[1] if ":" in spec else default_data_dir(), split="train")
+    path = Path(spec)
+    if path.suffix != ".safetensors" or not path.is_file():
+        raise ValueError(f"--conditional needs labelled data: --data mnist[:DIR] or an existing .safetensors file "
+                         f"with tensors 'data' and 'labels', got {spec!r}")
+    from safetensors.torch import load_file
+    tensors = load_file(str(path))
+    missing = sorted({"data", "labels"} - set(tensors))
+    if missing:
+        raise ValueError(f"{path} has no tensor named {missing[0]!r} (found {sorted(tensors)[:5]})")
+    return tensors["data"].float(), tensors["labels"].long()
+
+
 def _init_distributed():
     """Join the torchrun process group if there is one; return the device to use."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -176,7 +206,11 @@ def run(args) -> int:
         if args.device:
             device = device_from_option(args.device)
         model, schedule, model_data = load_model(args.model, args)
-        data = load_data(args.data, model_data)
+        labels = None
+        if args.conditional:
+            data, labels = load_data(args.data, model_data, conditional=True)
+        else:
+            data = load_data(args.data, model_data)
         if isinstance(model, torch.nn.Module):
             # Networks run in --dtype; the analytic mixtures (buffers only) keep their float64 constants.
             has_weights = any(p.is_floating_point() for p in model.parameters())
@@ -197,7 +231,7 @@ def run(args) -> int:
                          checkpoint_every=args.checkpoint_every, resume=args.resume,
                          validate_every=args.validate_every, val_size=args.val_size, val_buckets=args.val_buckets,
                          time_limit=None if args.max_minutes is None else 60.0 * args.max_minutes,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, cond=labels, cond_drop=args.cond_drop)
     except (ValueError, TypeError, OSError, FloatingPointError) as err:  # OSError: unreadable data, a full disk
         kind = "checkpoint error" if isinstance(err, CheckpointError) else "error"
         print(f"distill: {kind}: {err}", file=sys.stderr)

@@ -6,6 +6,11 @@ prints the solver, the steps, the NFE (network calls; the head's measured cost p
 beside it) and the time taken.  ``--model toy2d`` instead draws the 2-D toy mixture with DDIM and
 the chosen solver side by side (``genie`` there is ``genie_exact``: the toy has no
 head); ``--model DIR`` loads unet.safetensors and head.safetensors from DIR.
+
+For a class-conditional model, ``--digits 0123456789`` writes one row per digit (``--batch``
+samples per row, default 8) and ``--guidance W`` applies classifier-free guidance of scale W
+(``--guidance-interval LO,HI``: only for t in that range); without ``--digits`` it samples
+unconditionally.
 """
 
 from __future__ import annotations
@@ -46,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time grid (default: uniform for the MNIST model, the most accurate there at NFE 4-11; "
                         "quadratic otherwise)")
     p.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads, 0 for torch's default")
+    p.add_argument("--digits", default=None,
+                   help="class-conditional model: the digits (class labels 0-9) to draw, one row each, e.g. 0123456789")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="with --digits: classifier-free guidance scale w, eps_u + w (eps_c - eps_u) (default 1: conditional)")
+    p.add_argument("--guidance-interval", default=None,
+                   help="with --guidance: LO,HI, guide only for t in [LO, HI] (default: every step)")
 
 
 def run(args) -> int:
@@ -71,10 +82,16 @@ def run_model(args, device: torch.device) -> int:
         print(f"sample: note: --dtype {args.dtype} on the CPU is many times slower than float32; "
               "half precision is the fast path on a GPU", file=sys.stderr)
     steps = 10 if args.steps is None else args.steps
+    labels, guidance = _conditions(args)
     batch = 64 if args.batch is None else args.batch
+    nrow = 8
+    if labels is not None:
+        nrow = 8 if args.batch is None else args.batch
+        labels = labels.repeat_interleave(nrow).to(device)
+        batch = labels.shape[0]
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(batch, model.in_channels, model.image_size, model.image_size, generator=gen).to(device, dtype)
-    if resolve_backend(args.backend, args.solver, head, noise) == "cpp":  # refuses one that cannot run
+    if resolve_backend(args.backend, args.solver, head, noise, labels is not None) == "cpp":  # refuses one that cannot run
         from ..fast.ext import ExtensionUnavailable, load
 
         try:
@@ -84,16 +101,39 @@ def run_model(args, device: torch.device) -> int:
     striding = args.striding or "uniform"
     start = time.perf_counter()
     x, nfe = sample(model, noise, steps, solver=args.solver, head=head, schedule=schedule, afs=not args.no_afs,
-                    striding=striding, backend=args.backend, return_nfe=True)
+                    striding=striding, backend=args.backend, return_nfe=True, cond=labels, **guidance)
     seconds = time.perf_counter() - start
-    _write(args.out, lambda path: image_grid(x.float(), path, nrow=8))
+    _write(args.out, lambda path: image_grid(x.float(), path, nrow=nrow))
     head_note = f" + {nfe:g} head calls, each {head.cost}" if args.solver == "genie" and head.cost else ""
+    if labels is not None:
+        head_note += (f" digits={args.digits} guidance={args.guidance:g} (each call one batch of {2 * batch}, "
+                      "both halves)" if args.guidance != 1.0 else f" digits={args.digits}")
     print(f"solver={args.solver} steps={steps} afs={not args.no_afs} striding={striding} NFE={nfe:g}{head_note} "
           f"({batch} samples, {args.dtype}, {seconds:.2f} s on {device}) -> {args.out}")
     return 0
 
 
+def _conditions(args):
+    """``(labels or None, sample()'s guidance options)`` from --digits, --guidance, --guidance-interval."""
+    if args.digits is None:
+        if args.guidance != 1.0 or args.guidance_interval is not None:
+            raise ValueError("--guidance needs --digits (the classes to guide towards)")
+        return None, {}
+    if not args.digits or not args.digits.isdigit() or not args.digits.isascii():
+        raise ValueError(f"--digits must be digits 0-9, e.g. 0123456789, got {args.digits!r}")
+    options = {"guidance_scale": args.guidance}
+    if args.guidance_interval is not None:
+        try:
+            lo, hi = (float(v) for v in args.guidance_interval.split(","))
+        except ValueError:
+            raise ValueError(f"--guidance-interval must be LO,HI, got {args.guidance_interval!r}") from None
+        options["guidance_interval"] = (lo, hi)
+    return torch.tensor([int(d) for d in args.digits]), options
+
+
 def run_toy(args, device: torch.device) -> int:
+    if args.digits is not None or args.guidance != 1.0:
+        raise ValueError("--digits and --guidance need a class-conditional model, not --model toy2d")
     if args.dtype != "float32":
         raise ValueError(f"--dtype {args.dtype} does not apply to --model toy2d, which samples in float64")
     model = toy_2d().to(device)

@@ -5,6 +5,10 @@ Training data x_0 as a draw function (:func:`data_sampler`), the held-out split
 (:func:`noisy_batch`), the γ²-weighted loss (:func:`weighted_loss`), and the validation
 buckets: held-out ``(x_t, model output, γ, exact dε/dγ)`` per interval of t, and the head's
 relative error on them (:func:`relative_errors`).
+
+For a conditional model the data come with one condition per sample
+(:func:`paired_sampler`); :func:`noisy_conditional_batch` drops conditions to the null
+condition with a given probability, so that one head learns both halves of guidance.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..ode.derivative import exact_deps_dgamma
+from ..ode.guidance import GuidedModel
 from ..ode.protocol import ModelOutput, as_model, checked_call
 from ..ode.schedules import VPSchedule
 
@@ -42,6 +47,65 @@ def data_sampler(data) -> Sampler:
     if callable(data):
         return data
     raise TypeError(f"data must be a tensor, have sample_data(n, generator), or be callable, got {type(data).__name__}")
+
+
+def paired_sampler(data: Tensor, cond: Tensor, replace: bool = True) -> Callable[[int, torch.Generator], tuple]:
+    """``(n, generator) -> (x_0, cond)``: rows of ``data`` with their conditions, drawn with
+    replacement (or without, ``replace=False``)."""
+    if cond.shape[0] != data.shape[0]:
+        raise ValueError(f"cond must have one row per training sample ({data.shape[0]}), got {tuple(cond.shape)}")
+
+    def draw(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        if replace:
+            idx = torch.randint(data.shape[0], (n,), generator=gen)
+        else:
+            idx = torch.randperm(data.shape[0], generator=gen)[:n]
+        return data[idx.to(data.device)], cond[idx.to(cond.device)]
+
+    return draw
+
+
+def check_conditions(model, data, cond, cond_drop, val_size: int):
+    """``(training conditions, held-out conditions or None, null condition (1, ...) or None)``
+    for ``distill(cond=...)``, checked against the model before any work; None without ``cond``."""
+    if isinstance(cond_drop, bool) or not isinstance(cond_drop, (int, float)) or not 0.0 <= cond_drop <= 1.0:
+        raise ValueError(f"cond_drop must be a probability in [0, 1], got {cond_drop!r}")
+    if cond is None:
+        return None
+    if not isinstance(data, Tensor):
+        raise TypeError(f"distill(cond=...) needs the training data as a tensor (N, ...) with one condition per row, "
+                        f"got {type(data).__name__}")
+    if not isinstance(cond, Tensor) or cond.dim() == 0 or cond.shape[0] != data.shape[0]:
+        shape = tuple(cond.shape) if isinstance(cond, Tensor) else type(cond).__name__
+        raise ValueError(f"cond must be a tensor with one condition per training sample ({data.shape[0]}), got {shape}")
+    if not model.conditional:
+        raise ValueError(f"{type(model).__name__} is unconditional: it takes no condition (cond=None)")
+    if data.shape[0] <= val_size:
+        raise ValueError(f"{data.shape[0]} training samples cannot spare {val_size} for validation")
+    model.check_cond(cond, cond.shape[0], cond.device)  # labels in range, embedding shapes
+    null = model.null_cond(1, cond.device).to(cond.dtype) if cond_drop or val_size else None
+    split = cond.shape[0] - val_size
+    return cond[:split], (cond[split:] if val_size else None), null
+
+
+def noisy_conditional_batch(sample_pair, gen: torch.Generator, batch: int, schedule: VPSchedule, t_min: float,
+                            t_max: float, null: Tensor | None = None, drop: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x_t, γ, cond)`` as :func:`noisy_batch`, each sample with its condition, replaced by
+    ``null`` (one null condition, shape (1, ...)) with probability ``drop``; the drop mask is
+    drawn from ``gen`` after the rest."""
+    drawn = []
+
+    def x0_only(n: int, g: torch.Generator) -> Tensor:
+        x0, cond = sample_pair(n, g)
+        drawn.append(cond)
+        return x0
+
+    x_t, gamma = noisy_batch(x0_only, gen, batch, schedule, t_min, t_max)
+    cond = drawn[0]
+    if drop:
+        dropped = (torch.rand(batch, generator=gen, dtype=torch.float64) < drop).to(cond.device)
+        cond = torch.where(dropped.view(-1, *([1] * (cond.dim() - 1))), null.to(cond.device, cond.dtype), cond)
+    return x_t, gamma, cond
 
 
 def hold_out(data, val_size: int):
@@ -100,17 +164,26 @@ class ValidationBucket(NamedTuple):
 
 
 def validation_set(model, data, schedule: VPSchedule, size: int = 64, buckets: int = 5, t_eps: float = 1e-3,
-                   seed: int = 0, dtype=torch.float32, device="cpu") -> list[ValidationBucket]:
-    """Held-out ``(x_t, model output, γ, exact dε/dγ)`` for ``buckets`` equal intervals of t in [t_eps, 1]."""
-    model, sample_x0 = as_model(model), data_sampler(data)
+                   seed: int = 0, dtype=torch.float32, device="cpu", cond: Tensor | None = None) -> list[ValidationBucket]:
+    """Held-out ``(x_t, model output, γ, exact dε/dγ)`` for ``buckets`` equal intervals of t in [t_eps, 1].
+
+    With ``cond`` (one condition per row of the tensor ``data``) each sample is
+    conditioned on its own; its rows are drawn without replacement."""
+    model = as_model(model)
+    sample = data_sampler(data) if cond is None else paired_sampler(data, cond, replace=False)
     gen = torch.Generator().manual_seed(seed)
     edges = torch.linspace(t_eps, 1.0, buckets + 1, dtype=torch.float64).tolist()
     result = []
     for lo, hi in zip(edges[:-1], edges[1:]):
-        x, gamma = noisy_batch(sample_x0, gen, size, schedule, lo, hi)
+        bucket_model = model
+        if cond is None:
+            x, gamma = noisy_batch(sample, gen, size, schedule, lo, hi)
+        else:
+            x, gamma, c = noisy_conditional_batch(sample, gen, size, schedule, lo, hi)
+            bucket_model = GuidedModel(model, c, x.shape[0], device)
         x = x.to(device, dtype)
         with torch.no_grad():
-            out, target = exact_deps_dgamma(model, x, gamma.to(device), schedule)
+            out, target = exact_deps_dgamma(bucket_model, x, gamma.to(device), schedule)
         result.append(ValidationBucket(lo, hi, x, out, gamma.to(device), target))
     return result
 
@@ -128,5 +201,6 @@ def relative_errors(head, buckets: list[ValidationBucket]) -> list[dict]:
 
 
 def format_validation(step: int, rows: list[dict]) -> str:
-    cells = "  ".join(f"t∈[{r['t_min']:.3f},{r['t_max']:.3f}]: {r['rel_err']:.4f}" for r in rows)
+    cells = "  ".join(f"{r['condition'] + ' ' if 'condition' in r else ''}t∈[{r['t_min']:.3f},{r['t_max']:.3f}]: "
+                      f"{r['rel_err']:.4f}" for r in rows)
     return f"step {step} relative error of dε/dγ  {cells}"

@@ -17,7 +17,13 @@ its EMA, Adam's state, the random generator's state and the loss history; their 
 holds the head's hyper-parameters, the schedule, the base model's identity and the
 training settings.  ``resume=True`` continues from the checkpoint and reproduces the
 uninterrupted run exactly: every random draw comes from one generator whose state is
-saved.  A non-finite loss stops the run with :class:`NonFiniteLossError`, naming the
+saved.
+
+Conditional models (``cond=``, one condition per training sample): each step's samples
+carry their own conditions, replaced by the model's null condition with probability
+``cond_drop``, so that one head serves both halves of classifier-free guidance
+(:mod:`genie_kernels.ode.guidance`); validation reports both, on held-out samples with
+their conditions and with the null condition.  A non-finite loss stops the run with :class:`NonFiniteLossError`, naming the
 step; the last checkpoint written before it stays as it was.
 
 Data parallel: inside a ``torch.distributed`` process group (``torchrun``; gloo on the
@@ -45,11 +51,12 @@ from ..checkpoint import (CheckpointError, load_checkpoint, read_config, restore
                           training_tensors)
 from ..checks import check_int
 from ..ode.derivative import exact_deps_dgamma
+from ..ode.guidance import GuidedModel
 from ..ode.protocol import as_model
 from ..ode.schedules import VPSchedule, schedule_of
 from .cost import head_cost
-from .data import (data_sampler, format_validation, hold_out, noisy_batch, probe_model, relative_errors, validation_set,
-                   weighted_loss)
+from .data import (check_conditions, data_sampler, format_validation, hold_out, noisy_batch, noisy_conditional_batch,
+                   paired_sampler, probe_model, relative_errors, validation_set, weighted_loss)
 from .files import FORMAT, model_identity, stored_cost
 
 
@@ -63,7 +70,7 @@ class NonFiniteLossError(FloatingPointError):
 class DistillResult(NamedTuple):
     head: nn.Module          # the head to sample with: the EMA copy if ema_decay > 0
     losses: list             # loss of every step from step 1 (also those before a resume)
-    validation: list         # [{"step", "buckets": [{"t_min", "t_max", "rel_err"}]}] (rank 0)
+    validation: list         # [{"step", "buckets": [{"t_min", "t_max", "rel_err"} (+ "condition" with cond=)]}] (rank 0)
     step: int                # steps completed
 
 
@@ -140,6 +147,8 @@ def distill(
     progress: bool = True,
     callback: Optional[Callable[[int, float], None]] = None,
     time_limit: float | None = None,
+    cond=None,
+    cond_drop: float = 0.1,
 ) -> DistillResult:
     """Distil ``head`` onto the exact dε/dγ of the frozen ``model`` (see the module docstring).
 
@@ -174,6 +183,13 @@ def distill(
             the run then ends as if ``steps`` were reached — validation, the head's cost,
             the checkpoint — and ``resume=True`` continues it later.  With the cosine
             schedule the learning rate is where step ``s`` of ``steps`` puts it.
+        cond: for a conditional model, one condition per row of the tensor ``data`` (class
+            labels of shape (N,), embeddings (N, ...)); the last ``val_size`` are held out
+            with their rows.  None: unconditional distillation, as before.
+        cond_drop: probability with which a training sample's condition is replaced by the
+            model's null condition (:meth:`EpsModel.null_cond`), so that the head learns the
+            unconditional half of guidance too; validation then also reports the held-out
+            samples under the null condition (rows with ``"condition"``).
 
     Returns:
         :class:`DistillResult`.  At the end the head's cost relative to one network call is
@@ -197,9 +213,16 @@ def distill(
 
     param = next(head.parameters())
     dtype, device = param.dtype, param.device
-    data, val_data = hold_out(data, val_size)
+    conditions = check_conditions(model, data, cond, cond_drop, val_size)
+    if conditions is not None:
+        cond, val_cond, null = conditions
+        data, val_data = data[: data.shape[0] - val_size], data[data.shape[0] - val_size:]
+        sample_pair = paired_sampler(data, cond)
+    else:
+        data, val_data = hold_out(data, val_size)
     sample_x0 = data_sampler(data)
-    probe, probe_out = probe_model(model, sample_x0, dtype, device)
+    cond_model = model if conditions is None else GuidedModel(model, cond[:1], 2, device)
+    probe, probe_out = probe_model(cond_model, sample_x0, dtype, device)
     if hasattr(head, "check_inputs"):
         head.check_inputs(probe, probe_out)
 
@@ -208,6 +231,8 @@ def distill(
                 "val_size": val_size, "val_buckets": val_buckets, "lr_schedule": lr_schedule}
     if lr_schedule == "cosine":
         training["steps"] = steps
+    if conditions is not None:
+        training["cond_drop"] = float(cond_drop)
     expect = {"format": FORMAT, "head": head.config(), "schedule": schedule.config(),
               "base_model": model_identity(model), "training": training}
 
@@ -238,16 +263,26 @@ def distill(
         save_checkpoint(out, tensors, config)
 
     val_buckets_data = None
-    if val_size and rank == 0:
+    if val_size and rank == 0 and conditions is None:
         val_buckets_data = validation_set(model, val_data, schedule, val_size, val_buckets, t_eps,
                                           seed=seed + 1, dtype=dtype, device=device)
+    elif val_size and rank == 0:
+        val_sets = {name: validation_set(model, val_data, schedule, val_size, val_buckets, t_eps, seed=seed + 1,
+                                         dtype=dtype, device=device, cond=c)
+                    for name, c in (("conditional", val_cond), ("unconditional", null.expand_as(val_cond)))
+                    if c is not None}
+        val_buckets_data = val_sets["conditional"]
 
     def validate(step: int, bar) -> None:
         if val_buckets_data is None:
             return
         final = ema_head if ema_head is not None else head
         was_training = final.training
-        rows = relative_errors(final.eval(), val_buckets_data)
+        if conditions is None:
+            rows = relative_errors(final.eval(), val_buckets_data)
+        else:
+            rows = [dict(row, condition=name) for name, buckets in val_sets.items()
+                    for row in relative_errors(final.eval(), buckets)]
         final.train(was_training)
         validation.append({"step": step, "buckets": rows})
         if progress:
@@ -267,7 +302,8 @@ def distill(
             x, gamma = x.to(device, dtype), gamma.to(device)
         t = schedule.t_from_gamma(gamma.to(torch.float64)).to(x.dtype)
         final = ema_head if ema_head is not None else head
-        head.cost = final.cost = head_cost(final, model, x, t)
+        cost_model = model if conditions is None else GuidedModel(model, cond[:1], x.shape[0], device)
+        head.cost = final.cost = head_cost(final, cost_model, x, t)
         cost_batch[0] = x.shape[0]
 
     train_head = head
@@ -281,10 +317,16 @@ def distill(
     bar = tqdm(total=steps, initial=start, desc="distill", unit="it", disable=not progress or rank != 0)
     try:
         for step in range(start + 1, steps + 1):
-            x_t, gamma = noisy_batch(sample_x0, gen, batch_size, schedule, t_eps, 1.0)
+            step_model = model
+            if conditions is None:
+                x_t, gamma = noisy_batch(sample_x0, gen, batch_size, schedule, t_eps, 1.0)
+            else:
+                x_t, gamma, c = noisy_conditional_batch(sample_pair, gen, batch_size, schedule, t_eps, 1.0, null,
+                                                        cond_drop)
+                step_model = GuidedModel(model, c[local], c[local].shape[0], device)
             x_t, gamma = x_t[local].to(device, dtype), gamma[local].to(device)
             with torch.no_grad():
-                model_out, target = exact_deps_dgamma(model, x_t, gamma, schedule)
+                model_out, target = exact_deps_dgamma(step_model, x_t, gamma, schedule)
             loss = weighted_loss(train_head(x_t, model_out, gamma), target, gamma)
             global_loss = loss.detach().clone()
             if world > 1:

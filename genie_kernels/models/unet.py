@@ -249,6 +249,20 @@ class UNet(EpsModel):
         """The label that means "no condition" (``num_classes``)."""
         return self.num_classes
 
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    def check_cond(self, cond, batch: int, device) -> Tensor:
+        if cond is None:
+            raise ValueError("no condition given (cond=None)")
+        return self.labels(cond, batch, device)
+
+    def null_cond(self, batch: int, device) -> Tensor:
+        if not self.num_classes:
+            raise ValueError("this UNet is unconditional (num_classes=0); it has no null label")
+        return self.labels(None, batch, device)
+
     def time_features(self, t: Tensor) -> Tensor:
         """The time input ``s`` of the embedding: ``t`` or ``log γ_t`` (see the module docstring)."""
         if self.time_input == "t":

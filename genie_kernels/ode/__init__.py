@@ -3,7 +3,7 @@
 ``schedules`` (the VP noise schedule, γ = σ/α and the time grids), ``protocol`` (what a
 solver asks of an ε-network: :class:`~.protocol.EpsModel`, :class:`~.protocol.ModelOutput`,
 :func:`~.protocol.as_model`), ``derivative`` (the exact dε/dγ by forward-mode AD),
-``solvers`` (the reference DDIM, GENIE and Adams–Bashforth loops) and ``ground_truth``
+``guidance`` (conditions and classifier-free guidance), ``solvers`` (the reference DDIM, GENIE and Adams–Bashforth loops) and ``ground_truth``
 (the fine float64 solution every sampler is measured against).
 
 Imports only the shared helpers beside it (``genie_kernels.checks``, ...); every other

@@ -19,6 +19,11 @@ Options shared by all:
   (along that Gaussian flow ``dx/dγ = 0`` and ``dε/dγ = α³ x ≈ 0``).
 * ``denoise``: return ``x̂_0 = x̄_N − γ_N ε(x_N, t_N)`` instead of ``x_N`` (one more call).
 * ``callback(info)``: called after every step with ``{"i", "t", "x", "eps"}``.
+* ``guidance``: a :class:`~.guidance.Guidance` (condition, scale w, null condition,
+  interval); every solver then integrates the guided ε_w = ε_u + w (ε_c − ε_u), both
+  halves in one network call of batch 2B (one NFE).  ``genie`` takes the guided
+  derivative ``k_u + w (k_c − k_u)`` from the head on both halves, ``genie_exact``
+  differentiates ε_w itself (see :mod:`.guidance`).
 
 Time values stay in float64; the model sees ``x.dtype``.  The state x̄ and the increments
 added to it are float32 at least (float64 for float64 noise), as in the fused loops: for a
@@ -38,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .derivative import exact_deps_dgamma
+from .guidance import Guidance, GuidedCall, GuidedModel, guided_derivative, guided_models
 from .protocol import ModelOutput, as_model, checked_call, state_dtype
 from .schedules import VPSchedule, check_schedule, checked_grid
 
@@ -71,9 +77,10 @@ class _Trajectory:
     """State shared by the solver loops: x̄ (in ``state_dtype``), x (the noise's dtype), the γ
     grid and the NFE count."""
 
-    def __init__(self, model, noise: Tensor, ts: Tensor, schedule: VPSchedule):
+    def __init__(self, model, noise: Tensor, ts: Tensor, schedule: VPSchedule, guidance: Guidance | None = None):
         check_schedule(schedule)
         self.model = as_model(model)
+        self.guided = None if guidance is None else guided_models(self.model, guidance, noise)
         self.ts = checked_grid(ts, may_end_at_zero=True)
         self.gammas = schedule.gamma(self.ts)
         self.steps = self.ts.numel() - 1
@@ -93,10 +100,26 @@ class _Trajectory:
         """γ_n for every sample, float64, on the model's device."""
         return self.gammas[n].to(self.x.device).expand(self.x.shape[0])
 
+    def model_at(self, n: int):
+        """The model to call at step ``n``: the network, or with guidance the guided (inside
+        the guidance interval) or conditional model."""
+        return self.model if self.guided is None else self.guided.at(float(self.ts[n]))
+
+    def t_batch(self, n: int) -> Tensor:
+        return self.ts[n].to(self.x.device, self.x.dtype).expand(self.x.shape[0])
+
     def model_output(self, n: int) -> ModelOutput:
         self.nfe += 1
-        t = self.ts[n].to(self.x.device, self.x.dtype).expand(self.x.shape[0])
-        return checked_call(self.model, self.x, t)
+        return checked_call(self.model_at(n), self.x, self.t_batch(n))
+
+    def guided_call(self, n: int) -> GuidedCall:
+        """One network call at step ``n`` with both halves' outputs (see :class:`GuidedCall`)."""
+        self.nfe += 1
+        model = self.model_at(n)
+        if isinstance(model, GuidedModel):
+            return model.call(self.x, self.t_batch(n))
+        out = checked_call(model, self.x, self.t_batch(n))
+        return GuidedCall(out.eps, out, None)
 
     def advance(self, n: int, increment: Tensor, eps: Tensor, callback: Callback) -> None:
         self.xbar = self.xbar + increment
@@ -111,9 +134,10 @@ class _Trajectory:
         return SolverOutput(self.x, self.nfe)
 
 
-def ddim(model, noise: Tensor, ts: Tensor, schedule: VPSchedule, *, afs=False, denoise=False, callback: Callback = None) -> SolverOutput:
+def ddim(model, noise: Tensor, ts: Tensor, schedule: VPSchedule, *, afs=False, denoise=False, callback: Callback = None,
+         guidance: Guidance | None = None) -> SolverOutput:
     """DDIM, the first truncated Taylor method: ``x̄_{n+1} = x̄_n + h_n ε_n``."""
-    traj = _Trajectory(model, noise, ts, schedule)
+    traj = _Trajectory(model, noise, ts, schedule, guidance)
     for n in range(traj.steps):
         eps = analytic_eps(traj.x, traj.gammas[n]) if afs and n == 0 else traj.model_output(n).eps
         traj.advance(n, traj.h(n) * traj.wide(eps), eps, callback)
@@ -134,19 +158,20 @@ def _ttm2(traj: _Trajectory, derivative, afs: bool, callback: Callback) -> None:
 
 def genie(
     model, noise: Tensor, ts: Tensor, schedule: VPSchedule, head: DerivativeHead,
-    *, afs=False, denoise=False, callback: Callback = None,
+    *, afs=False, denoise=False, callback: Callback = None, guidance: Guidance | None = None,
 ) -> SolverOutput:
     """GENIE: TTM2 with dε/dγ predicted by a distilled head, one network call per step.
 
-    ``x̄_{n+1} = x̄_n + h_n ε_n + ½ h_n² k_ψ(x_n, ε_n, features_n, temb_n, γ_n)``.
+    ``x̄_{n+1} = x̄_n + h_n ε_n + ½ h_n² k_ψ(x_n, ε_n, features_n, temb_n, γ_n)``; with
+    guidance ``k = k_u + w (k_c − k_u)``, the head on both halves of the batched call.
     """
     if not callable(head):
         raise TypeError(f"genie needs a distilled head, head(x, out, gamma) -> dε/dγ; got {type(head).__name__}")
-    traj = _Trajectory(model, noise, ts, schedule)
+    traj = _Trajectory(model, noise, ts, schedule, guidance)
 
     def derivative(n):
-        out = traj.model_output(n)
-        return out.eps, head(traj.x, out, traj.gamma_batch(n))
+        call = traj.guided_call(n)
+        return call.eps, guided_derivative(head, traj.x, call, traj.gamma_batch(n))
 
     _ttm2(traj, derivative, afs, callback)
     return traj.finish(denoise)
@@ -154,17 +179,18 @@ def genie(
 
 def genie_exact(
     model, noise: Tensor, ts: Tensor, schedule: VPSchedule,
-    *, afs=False, denoise=False, callback: Callback = None,
+    *, afs=False, denoise=False, callback: Callback = None, guidance: Guidance | None = None,
 ) -> SolverOutput:
     """Exact GENIE: TTM2 with dε/dγ from ``torch.func.jvp`` (see :mod:`.derivative`).
 
     Each step makes two network calls, a forward pass and a forward-mode pass (NFE 2 per
-    step; by FLOPs the pair costs about four forward passes, see :func:`.jvp_cost`).
+    step; by FLOPs the pair costs about four forward passes, see :func:`.jvp_cost`).  With
+    guidance both differentiate the guided ε_w, each one call of batch 2B.
     """
-    traj = _Trajectory(model, noise, ts, schedule)
+    traj = _Trajectory(model, noise, ts, schedule, guidance)
 
     def derivative(n):
-        out, deps = exact_deps_dgamma(traj.model, traj.x, traj.gamma_batch(n), schedule, traj.model_output(n))
+        out, deps = exact_deps_dgamma(traj.model_at(n), traj.x, traj.gamma_batch(n), schedule, traj.model_output(n))
         traj.nfe += 1
         return out.eps, deps
 
@@ -174,7 +200,7 @@ def genie_exact(
 
 def adams_bashforth(
     model, noise: Tensor, ts: Tensor, schedule: VPSchedule, order: int = 2,
-    *, afs=False, denoise=False, callback: Callback = None,
+    *, afs=False, denoise=False, callback: Callback = None, guidance: Guidance | None = None,
 ) -> SolverOutput:
     """Variable-step Adams–Bashforth of ``order`` 1–3 on the DDIM ODE.
 
@@ -189,7 +215,7 @@ def adams_bashforth(
     """
     if order not in (1, 2, 3):
         raise ValueError(f"Adams-Bashforth order must be 1, 2 or 3, got {order}")
-    traj = _Trajectory(model, noise, ts, schedule)
+    traj = _Trajectory(model, noise, ts, schedule, guidance)
     g = traj.gammas
     history: list[Tensor] = []  # ε_n, ε_{n−1}, ε_{n−2}
     for n in range(traj.steps):
@@ -209,14 +235,18 @@ def adams_bashforth(
     return traj.finish(denoise)
 
 
-def ab2(model, noise, ts, schedule, *, afs=False, denoise=False, callback: Callback = None) -> SolverOutput:
+def ab2(model, noise, ts, schedule, *, afs=False, denoise=False, callback: Callback = None,
+        guidance: Guidance | None = None) -> SolverOutput:
     """Variable-step Adams–Bashforth 2 (see :func:`adams_bashforth`)."""
-    return adams_bashforth(model, noise, ts, schedule, 2, afs=afs, denoise=denoise, callback=callback)
+    return adams_bashforth(model, noise, ts, schedule, 2, afs=afs, denoise=denoise, callback=callback,
+                           guidance=guidance)
 
 
-def ab3(model, noise, ts, schedule, *, afs=False, denoise=False, callback: Callback = None) -> SolverOutput:
+def ab3(model, noise, ts, schedule, *, afs=False, denoise=False, callback: Callback = None,
+        guidance: Guidance | None = None) -> SolverOutput:
     """Variable-step Adams–Bashforth 3 (see :func:`adams_bashforth`)."""
-    return adams_bashforth(model, noise, ts, schedule, 3, afs=afs, denoise=denoise, callback=callback)
+    return adams_bashforth(model, noise, ts, schedule, 3, afs=afs, denoise=denoise, callback=callback,
+                           guidance=guidance)
 
 
 SOLVERS = {"ddim": ddim, "genie": genie, "genie_exact": genie_exact, "ab2": ab2, "ab3": ab3}

@@ -157,10 +157,6 @@ def test_unet_adapter_takes_the_schedule_of_a_diffusers_scheduler():
     torch.testing.assert_close(adapter.schedule.alphas_cumprod, scheduler.alphas_cumprod.double(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="v_prediction"):
         UNet2DAdapter(tiny_unet(), scheduler=diffusers.DDPMScheduler(prediction_type="v_prediction"))
-    with pytest.raises(ValueError, match="class-conditional UNets are not supported"):
-        UNet2DAdapter(diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                            layers_per_block=1, norm_num_groups=4, num_class_embeds=10,
-                                            down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2))
     with pytest.raises(TypeError, match="scheduler must be a diffusers scheduler instance"):
         UNet2DAdapter(tiny_unet(), scheduler=diffusers.DDPMScheduler)
     with pytest.raises(TypeError, match="schedule must be a VPSchedule instance"):

@@ -85,3 +85,32 @@ def test_missing_truncated_and_mismatched_files_are_refused(bundle, tmp_path):
 def test_bundled_mnist_model_and_head_load_together():
     model, head, _ = load_pretrained("mnist")
     assert model.in_channels == 1 and head.channels == 1
+
+
+def test_sample_digits_with_guidance_writes_one_row_per_digit(tmp_path, capsys):
+    folder = tmp_path / "conditional"
+    torch.manual_seed(0)
+    model = UNet.from_config({**TINY, "num_classes": 10, "time_input": "log_gamma", "time_scale": 2.0})
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    save_checkpoint(folder / "unet.safetensors", model.state_dict(),
+                    {"kind": UNET_KIND, "unet": model.config(), "schedule": LinearVPSchedule().config()})
+    out = tmp_path / "digits.png"
+    assert main(["sample", "--model", str(folder), "--solver", "ddim", "--digits", "037", "--guidance", "3",
+                 "--batch", "4", "--steps", "3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "NFE=2" in printed and "digits=037 guidance=3 (each call one batch of 24" in printed
+    from PIL import Image
+    width, height = Image.open(out).size
+    assert height < width  # 3 rows of 4
+    assert main(["sample", "--model", str(folder), "--solver", "ddim", "--guidance", "3", "--out", str(out)]) == 2
+    assert "--guidance needs --digits" in capsys.readouterr().err
+    assert main(["sample", "--model", str(folder), "--solver", "ddim", "--digits", "0a", "--out", str(out)]) == 2
+    assert "--digits must be digits 0-9" in capsys.readouterr().err
+
+
+def test_sample_digits_on_an_unconditional_model_says_so(bundle, tmp_path, capsys):
+    out = tmp_path / "digits.png"
+    assert main(["sample", "--model", str(bundle), "--digits", "01", "--guidance", "2", "--steps", "2",
+                 "--out", str(out)]) == 2
+    assert "unconditional" in capsys.readouterr().err and not out.exists()
