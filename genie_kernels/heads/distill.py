@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import (CheckpointError, load_checkpoint, read_config, restore_training, save_checkpoint,
-                          training_tensors)
+                          training_tensors, unwritable_reason)
 from ..checks import check_int
 from ..ode.derivative import exact_deps_dgamma
 from ..ode.protocol import as_model
@@ -115,6 +115,9 @@ def check_new_output(out, resume: bool, *, resume_option: str = "resume=True") -
     how the caller spells the way to resume (the command line says ``--resume``)."""
     if out is not None and Path(out).exists() and not resume:
         raise FileExistsError(f"{out} exists; pass {resume_option} to continue that run, or choose another path")
+    problem = None if out is None else unwritable_reason(out)
+    if problem:
+        raise ValueError(f"out: cannot write {out}: {problem}")
 
 
 def distill(

@@ -450,6 +450,18 @@ def test_an_output_path_without_the_safetensors_suffix_is_refused_before_trainin
     assert steps == [] and files_in(tmp_path) == []
 
 
+@pytest.mark.parametrize("out, message", [
+    ("/proc/head.safetensors", r"out: cannot write /proc/head\.safetensors: no file can be created in the folder /proc"),
+    ("{tmp}/dangling.safetensors", r"out: cannot write .*dangling\.safetensors: it is a link to .*nowhere"),
+])
+def test_distill_from_python_checks_that_out_can_be_written_before_training(out, message, tmp_path):
+    (tmp_path / "dangling.safetensors").symlink_to(tmp_path / "nowhere.safetensors")
+    steps = []
+    with pytest.raises(ValueError, match=message):
+        run(small_head(), small_mixture(), out=out.format(tmp=tmp_path), callback=lambda step, loss: steps.append(step))
+    assert steps == []
+
+
 def test_training_never_draws_the_rows_held_out_for_validation(monkeypatch):
     distill_module = sys.modules["genie_kernels.heads.distill"]
     original, draws = distill_module.data_sampler, []
