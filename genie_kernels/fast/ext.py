@@ -80,11 +80,23 @@ def _register_fake() -> None:
     if _fake_registered:
         return
 
+    from .update import _check_for_kernel
+
     @torch.library.register_fake("genie_cpp::taylor_update")
     def _(xbar: Tensor, eps: Tensor, aux: Tensor | None, gammas: Tensor, step: int, mode: str):
+        # The dispatcher comes here whenever one tensor is on "meta" (or fake), so the C++
+        # op's checks never run: make the same ones (a meta eps beside a CPU x̄ is refused).
+        _check_for_kernel(xbar, eps, aux, gammas, step, mode)
         # Same allocation as the kernels (at::empty_like), so strides agree.
         return torch.empty_like(xbar), torch.empty_like(eps)
 
+    def no_backward(ctx, *grads):
+        raise RuntimeError("Trying to backward through genie_cpp::taylor_update but no autograd formula was "
+                           "registered: the fused update is for sampling (use taylor_update_reference to "
+                           "differentiate)")
+
+    # Without it backward runs and the gradient is silently None (PyTorch's fallback only warns).
+    torch.library.register_autograd("genie_cpp::taylor_update", no_backward)
     _fake_registered = True
 
 

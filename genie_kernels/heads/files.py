@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_module_tensors, read_config
+from ..checks import dtype_from_name
 from ..cost import RelativeCost
 from ..ode.protocol import as_model
 from .build import head_from_config
@@ -98,10 +99,15 @@ def load_head(path, model=None, use_ema: bool = True, device=None) -> nn.Module:
     tensors, config = load_checkpoint(path)
     try:
         head = head_from_config(config["head"])
-    except (KeyError, ValueError) as err:
+    except KeyError as err:
+        raise CheckpointError(f"checkpoint {path} has no head config ({err})") from err
+    except ValueError as err:
         raise CheckpointError(f"checkpoint {path} has an unusable head config: {err}") from err
     prefix = "ema." if use_ema and config.get("ema") else "head."
-    dtype = getattr(torch, str(config.get("training", {}).get("dtype", "float32")).replace("torch.", ""))
+    try:
+        dtype = dtype_from_name((config.get("training") or {}).get("dtype", "float32"), "training.dtype")
+    except (AttributeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has an unusable training config: {err}") from err
     head.to(dtype=dtype)
     load_module_tensors(head, tensors, prefix, path)
     head.cost = stored_cost(config, path)

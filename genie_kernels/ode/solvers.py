@@ -37,6 +37,7 @@ from typing import Callable, NamedTuple, Optional, Protocol
 import torch
 from torch import Tensor
 
+from ..checks import check_bool, check_noise
 from .derivative import exact_deps_dgamma
 from .protocol import ModelOutput, as_model, checked_call, state_dtype
 from .schedules import VPSchedule, check_schedule, checked_grid
@@ -65,6 +66,14 @@ def analytic_eps(x: Tensor, gamma: Tensor) -> Tensor:
     ``gamma`` is a 0-dim tensor (on x's device or the CPU); no value goes to the host.
     """
     return x * (gamma * torch.rsqrt(1.0 + gamma * gamma)).to(x.dtype)
+
+
+def check_solver_arguments(noise, afs, denoise) -> None:
+    """What every solver takes: floating noise shaped (B, ...) (not checked for NaN: no host
+    sync here), and ``afs`` and ``denoise`` that are bools."""
+    check_noise(noise, finite=False)
+    check_bool("afs", afs)
+    check_bool("denoise", denoise)
 
 
 class _Trajectory:
@@ -112,6 +121,7 @@ class _Trajectory:
 
 
 def ddim(model, noise: Tensor, ts: Tensor, schedule: VPSchedule, *, afs=False, denoise=False, callback: Callback = None) -> SolverOutput:
+    check_solver_arguments(noise, afs, denoise)
     """DDIM, the first truncated Taylor method: ``x̄_{n+1} = x̄_n + h_n ε_n``."""
     traj = _Trajectory(model, noise, ts, schedule)
     for n in range(traj.steps):
@@ -140,13 +150,19 @@ def genie(
 
     ``x̄_{n+1} = x̄_n + h_n ε_n + ½ h_n² k_ψ(x_n, ε_n, features_n, temb_n, γ_n)``.
     """
+    check_solver_arguments(noise, afs, denoise)
     if not callable(head):
         raise TypeError(f"genie needs a distilled head, head(x, out, gamma) -> dε/dγ; got {type(head).__name__}")
     traj = _Trajectory(model, noise, ts, schedule)
 
     def derivative(n):
         out = traj.model_output(n)
-        return out.eps, head(traj.x, out, traj.gamma_batch(n))
+        deps = head(traj.x, out, traj.gamma_batch(n))
+        if not isinstance(deps, Tensor) or deps.shape != out.eps.shape:
+            got = f"shape {tuple(deps.shape)}" if isinstance(deps, Tensor) else type(deps).__name__
+            raise ValueError(f"genie: the head must return dε/dγ shaped like ε {tuple(out.eps.shape)}, got {got} "
+                             f"at step {n}")
+        return out.eps, deps
 
     _ttm2(traj, derivative, afs, callback)
     return traj.finish(denoise)
@@ -161,6 +177,7 @@ def genie_exact(
     Each step makes two network calls, a forward pass and a forward-mode pass (NFE 2 per
     step; by FLOPs the pair costs about four forward passes, see :func:`.jvp_cost`).
     """
+    check_solver_arguments(noise, afs, denoise)
     traj = _Trajectory(model, noise, ts, schedule)
 
     def derivative(n):
@@ -187,6 +204,7 @@ def adams_bashforth(
 
     The first steps use the orders the history allows (Euler, then AB2).
     """
+    check_solver_arguments(noise, afs, denoise)
     if order not in (1, 2, 3):
         raise ValueError(f"Adams-Bashforth order must be 1, 2 or 3, got {order}")
     traj = _Trajectory(model, noise, ts, schedule)
