@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_noise
+from .checks import check_bool, check_noise
 from .fast.sampler import check_fused_solver, fused_supports
 from .ode import solvers
 from .ode.schedules import DEFAULT_STRIDING, STRIDINGS, VPSchedule, check_steps, check_t_end, schedule_of, time_grid
@@ -58,6 +58,7 @@ def sample(
     backend: str = "auto",
     callback=None,
     return_nfe: bool = False,
+    check_finite: bool = False,
 ):
     """Sample from a noise-prediction diffusion model by solving the DDIM ODE.
 
@@ -82,6 +83,10 @@ def sample(
             solver, else the reference.  :func:`genie_kernels.backends` says what runs here.
         callback: called after every step with ``{"i", "t", "x", "eps"}``.
         return_nfe: also return the number of network evaluations used.
+        check_finite: raise a ValueError naming the first step (and its t) whose state or
+            ε holds NaN or inf — one host sync per step (at the end for ``cuda_graph``,
+            which then names no step).  Off by default: non-finite values from a model or
+            head otherwise pass to the output unchecked.
 
     Returns:
         the sample shaped like ``noise``; with ``return_nfe`` a :class:`SolverOutput`
@@ -94,13 +99,20 @@ def sample(
         raise ValueError(f"unknown striding {striding!r}; choose one of {STRIDINGS}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(info), got {type(callback).__name__}")
+    for name, value in (("afs", afs), ("denoise", denoise), ("return_nfe", return_nfe), ("check_finite", check_finite)):
+        check_bool(name, value)
     check_model_and_head(model, solver, head)
+    if afs and steps == 1:
+        raise ValueError("steps=1 with afs=True makes no network call: the one step is the analytic one, so the "
+                         "sample is the data mean scaled by the noise; use steps >= 2 or afs=False")
 
     schedule = schedule_of(model, schedule)
     ts = time_grid(schedule, steps, t_end, striding)
     extra = {"head": head} if solver == "genie" else {}
     with torch.no_grad():  # forward-mode AD (genie_exact) works without autograd
         chosen = resolve_backend(backend, solver, head, noise)
+        if check_finite and chosen != "cuda_graph":
+            callback = _finite_checking(callback)
         if chosen == "cuda_graph":
             if callback is not None:
                 raise ValueError("backend='cuda_graph' replays the whole loop at once and cannot call a callback")
@@ -115,4 +127,18 @@ def sample(
                               callback=callback)
         else:
             out = solvers.SOLVERS[solver](model, noise, ts, schedule, **extra, afs=afs, denoise=denoise, callback=callback)
+    if check_finite and not torch.isfinite(out.sample).all():
+        raise ValueError("the sample holds NaN or inf" + (" (denoise=True: in the final denoising call)" if denoise else ""))
     return out if return_nfe else out.sample
+
+
+def _finite_checking(callback):
+    """``callback`` preceded by a check that the step's x and ε are finite."""
+    def check(info: dict) -> None:
+        for name in ("eps", "x"):
+            value = info.get(name)
+            if isinstance(value, Tensor) and not torch.isfinite(value).all():
+                raise ValueError(f"check_finite: {name} holds NaN or inf at step {info['i']} (the step to t = {float(info['t']):.6g})")
+        if callback is not None:
+            callback(info)
+    return check

@@ -30,9 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mnist", help="bundled model name, a folder with unet/head files, or 'toy2d' (default mnist)")
     p.add_argument("--solver", default="genie", choices=list(SOLVERS), help="solver (default genie)")
     p.add_argument("--steps", type=int_at_least(1), default=None,
-                   help="solver steps (default 10 for mnist — 9 calls after AFS; 25 for toy2d)")
+                   help="solver steps (default 10 for mnist — 9 calls after AFS; 25 for toy2d); with AFS, which is "
+                        "on here (sample() has it off), at least 2")
     p.add_argument("--no-afs", action="store_true", help="spend a network call on the first step instead of the analytic one")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the noise, in [0, 2^64) (default 0)")
     p.add_argument("--batch", type=int_at_least(1), default=None, help="number of samples (default 64 for mnist, 2000 for toy2d)")
     p.add_argument("--out", default="samples.png", type=output_file(IMAGE_SUFFIXES),
                    help="output image, checked before sampling; missing folders are created (default samples.png)")
@@ -46,6 +47,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time grid (default: uniform for the MNIST model, the most accurate there at NFE 4-11; "
                         "quadratic otherwise)")
     p.add_argument("--threads", type=int_at_least(0), default=0, help="torch CPU threads, 0 for torch's default")
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: a seed torch.Generator.manual_seed takes, an integer in [0, 2^64)."""
+    value = int(text)
+    if not 0 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^64), got {value}")
+    return value
+
+
+seed_value.__name__ = "seed"  # argparse names the type in its "invalid seed value" message
 
 
 def run(args) -> int:
@@ -82,6 +94,9 @@ def run_model(args, device: torch.device) -> int:
         except ExtensionUnavailable:
             pass  # sample() says why the backend is not available
     striding = args.striding or "uniform"
+    if args.striding is None or not args.no_afs:
+        print(f"sample: note: the command line's defaults differ from sample()'s: afs={not args.no_afs}, "
+              f"striding={striding} (sample() defaults to afs=False, striding={DEFAULT_STRIDING!r})", file=sys.stderr)
     start = time.perf_counter()
     x, nfe = sample(model, noise, steps, solver=args.solver, head=head, schedule=schedule, afs=not args.no_afs,
                     striding=striding, backend=args.backend, return_nfe=True)

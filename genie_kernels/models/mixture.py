@@ -40,6 +40,9 @@ class GaussianMixture(EpsModel):
         variances = torch.as_tensor(variances, dtype=torch.float64)
         if means.dim() < 2 or means.shape[0] == 0 or means[0].numel() == 0:
             raise ValueError(f"means must be shaped (K, *data) with K >= 1 and non-empty data, got {tuple(means.shape)}")
+        for name, value in (("weights", weights), ("means", means), ("variances", variances)):
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{name} must be finite, got NaN or inf in {name}")
         k = means.shape[0]
         if weights.shape != (k,) or (weights <= 0).any():
             raise ValueError(f"weights must be {k} positive numbers, got shape {tuple(weights.shape)}")
