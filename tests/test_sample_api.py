@@ -370,3 +370,12 @@ def test_cli_sample_refuses_a_seed_out_of_range(seed, tmp_path, capsys):
         main(["sample", "--seed", seed, "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and "argument --seed:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model", ["mnist", "toy2d"])
+def test_cli_sample_refuses_a_batch_beyond_memory_saying_what_it_needs(model, tmp_path, capsys):
+    from genie_kernels.cli import main
+
+    assert main(["sample", "--model", model, "--batch", str(10 ** 15), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"sample: error: --batch {10 ** 15} needs " in err and "GiB for the noise alone; this machine has" in err

@@ -11,6 +11,7 @@ head); ``--model DIR`` loads unet.safetensors and head.safetensors from DIR.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -84,6 +85,7 @@ def run_model(args, device: torch.device) -> int:
               "half precision is the fast path on a GPU", file=sys.stderr)
     steps = 10 if args.steps is None else args.steps
     batch = 64 if args.batch is None else args.batch
+    check_memory(batch, model.in_channels * model.image_size ** 2, dtype)
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(batch, model.in_channels, model.image_size, model.image_size, generator=gen).to(device, dtype)
     if resolve_backend(args.backend, args.solver, head, noise) == "cpp":  # refuses one that cannot run
@@ -108,6 +110,18 @@ def run_model(args, device: torch.device) -> int:
     return 0
 
 
+def check_memory(batch: int, values_per_sample: int, dtype: torch.dtype) -> None:
+    """Refuse a --batch whose noise alone (float32 while drawn) would not fit in this machine's memory."""
+    needed = batch * values_per_sample * max(4, dtype.itemsize)
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return
+    if needed > available:
+        raise ValueError(f"--batch {batch} needs {needed / 2 ** 30:.3g} GiB for the noise alone; this machine has "
+                         f"{available / 2 ** 30:.3g} GiB of memory")
+
+
 def run_toy(args, device: torch.device) -> int:
     if args.dtype != "float32":
         raise ValueError(f"--dtype {args.dtype} does not apply to --model toy2d, which samples in float64")
@@ -115,6 +129,7 @@ def run_toy(args, device: torch.device) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     batch = 2000 if args.batch is None else args.batch
     steps = 25 if args.steps is None else args.steps
+    check_memory(batch, 2, torch.float64)
     noise = torch.randn(batch, 2, generator=gen, dtype=torch.float64).to(device)
     solver = args.solver
     if solver == "genie":

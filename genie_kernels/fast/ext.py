@@ -174,13 +174,28 @@ def _jit_prerequisites() -> tuple[bool, str]:
         return False, f"no C++ compiler ({compiler!r} not found)"
     if not cpp_extension.is_ninja_available():
         return False, "no ninja (pip install ninja)"
+    cached = _cached_build()
+    if cached is not None:
+        return True, f"JIT-built and cached in {cached.parent} (loads in about a second; rebuilt if the sources changed)"
     return True, "can be JIT-built (compiler found)"
+
+
+def _cached_build():
+    """The shared library of an earlier JIT build in torch's extension cache, or None."""
+    from torch.utils import cpp_extension
+
+    try:
+        library = Path(cpp_extension._get_build_directory(JIT_NAME, verbose=False)) / f"{JIT_NAME}.so"
+    except (OSError, RuntimeError, AttributeError):  # a private helper of torch: may change
+        return None
+    return library if library.is_file() else None
 
 
 def status() -> tuple[bool, str]:
     """``(available, reason)`` without building anything.
 
-    reason is "loaded", "prebuilt", "can be JIT-built (compiler found)", or why not.
+    reason is "loaded", "prebuilt", "JIT-built and cached in …", "can be JIT-built
+    (compiler found)", or why not.
     """
     if "ns" in _loaded:
         return True, "loaded"

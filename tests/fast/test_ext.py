@@ -348,3 +348,14 @@ def test_a_gradient_through_the_cpp_op_is_refused_as_through_the_triton_ops():
     new_xbar, _ = torch.ops.genie_cpp.taylor_update(xbar, eps, aux, gammas, 1, "genie")
     with pytest.raises(RuntimeError, match="no autograd formula"):
         new_xbar.sum().backward()
+
+
+def test_status_says_when_a_jit_build_is_cached(monkeypatch, tmp_path):
+    """Issue 22 item 12: gk.backends() said "can be JIT-built" after the build was cached."""
+    if not ext._jit_prerequisites()[0]:
+        pytest.skip("no compiler or ninja here")
+    monkeypatch.setattr(ext, "_cached_build", lambda: tmp_path / f"{ext.JIT_NAME}.so")
+    assert ext._jit_prerequisites() == (True, f"JIT-built and cached in {tmp_path} (loads in about a second; "
+                                              "rebuilt if the sources changed)")
+    monkeypatch.setattr(ext, "_cached_build", lambda: None)
+    assert ext._jit_prerequisites() == (True, "can be JIT-built (compiler found)")
