@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import (CheckpointError, load_checkpoint, read_config, restore_training, save_checkpoint,
                           training_tensors, unwritable_reason)
-from ..checks import check_int
+from ..checks import check_int, check_number
 from ..ode.derivative import exact_deps_dgamma
 from ..ode.protocol import as_model
 from ..ode.schedules import VPSchedule, schedule_of
@@ -88,8 +88,7 @@ def _check_settings(*, steps, batch_size, lr, lr_schedule, grad_clip, t_eps, ema
                              ("validate_every", validate_every, 0), ("val_size", val_size, 0),
                              ("val_buckets", val_buckets, 1)):
         check_int(name, value, low)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    check_number("lr", lr, above=0.0)  # a numpy float too: it is stored as float(lr)
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {LR_SCHEDULES}")
     if not (isinstance(grad_clip, (int, float)) and grad_clip > 0):

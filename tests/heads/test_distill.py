@@ -546,3 +546,18 @@ def test_load_head_refuses_a_checkpoint_of_another_format(tmp_path):
     save_checkpoint(path, tensors, dict(config, format="someone_else/1"))
     with pytest.raises(CheckpointError, match=r"is not a head checkpoint \(format 'someone_else/1'"):
         load_head(path)
+
+
+def test_a_numpy_learning_rate_is_taken_and_a_bad_one_named():
+    """Issue 22 item 10: lr=np.float32(1e-3) was refused."""
+    import numpy as np
+
+    from genie_kernels.heads.distill import _check_settings
+
+    settings = dict(steps=1, batch_size=8, lr=np.float32(1e-3), lr_schedule="constant", grad_clip=1.0, t_eps=1e-3,
+                    ema_decay=0.0, checkpoint_every=0, validate_every=0, val_size=0, val_buckets=1, out=None,
+                    resume=False, world=1, time_limit=None)
+    _check_settings(**settings)
+    for bad, error in ((math.nan, ValueError), (-1.0, ValueError), ("1e-3", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="lr must be a"):
+            _check_settings(**dict(settings, lr=bad))
