@@ -175,7 +175,7 @@ def save_checkpoint(path, tensors: dict[str, torch.Tensor], config: dict) -> Pat
     """Write ``tensors`` and ``config`` to ``path`` (``.safetensors``) and its ``.json`` copy,
     atomically, with the SHA-256 of both in the metadata.  A link at ``path`` is written
     through (the ``.json`` copy goes beside the file it points to)."""
-    path = Path(path)
+    path = _as_path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
     path = write_target(path)
@@ -198,9 +198,15 @@ def read_config(path) -> dict:
     return json.loads(_read_metadata(path)["config"])
 
 
+def _as_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__} {path!r:.60}")
+    return Path(path)
+
+
 def _read_metadata(path) -> dict:
     """The checkpoint's metadata, its config checked to be readable JSON."""
-    path = Path(path)
+    path = _as_path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     if path.suffix == ".json":

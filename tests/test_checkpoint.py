@@ -281,3 +281,11 @@ def test_kill_9_during_checkpoint_writes_never_leaves_an_unloadable_file(tmp_pat
     assert tensors["losses"].tolist() == losses
     for name, value in training_tensors(optimizer, generator, losses, modules={"net.": net}, **NAMES).items():
         assert torch.equal(tensors[name], value), name
+
+
+@pytest.mark.parametrize("path", [None, 123, 1.5])
+def test_a_path_that_is_not_one_is_named(path):
+    with pytest.raises(TypeError, match=r"a checkpoint path must be a str or os.PathLike, got"):
+        load_checkpoint(path)
+    with pytest.raises(TypeError, match=r"a checkpoint path must be a str or os.PathLike, got"):
+        save_checkpoint(path, {"w": torch.ones(1)}, {})
