@@ -21,6 +21,19 @@ def check_int(name: str, value, low: int, high: int | None = None) -> None:
         raise ValueError(f"{name} must be an int {bounds}, got {value!r}")
 
 
+def check_device(value, name: str = "device") -> torch.device:
+    """The torch device ``value`` names; ValueError when it is not one, or is CUDA where
+    CUDA is not available (torch's own errors there are an AssertionError or a list of
+    every device type)."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{name} {value!r} is not a torch device ({str(err).splitlines()[0][:80]})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {value!r}: CUDA is not available here")
+    return device
+
+
 def check_bool(name: str, value) -> None:
     """Refuse anything but ``True`` or ``False`` (``afs="False"`` would otherwise be true)."""
     if not isinstance(value, bool):

@@ -101,3 +101,15 @@ def test_a_huge_step_count_is_refused_with_the_memory_it_needs(schedule):
     with pytest.raises(ValueError, match=r"steps must be <= 1,000,000, got 1,000,000,000: its time grid alone would "
                                          r"take 7.45 GiB"):
         gk.sample(mix, torch.zeros(2, 2), 10 ** 9, solver="ddim")
+
+
+@pytest.mark.parametrize("device, message", [("foo", r"device 'foo' is not a torch device"), (3.5, "not a torch device")]
+                         + ([] if torch.cuda.is_available() else [("cuda", "device 'cuda': CUDA is not available here")]))
+def test_loaders_name_a_device_that_is_not_one_here(device, message):
+    from genie_kernels.heads.files import load_head
+    from genie_kernels.models.unet import PRETRAINED_DIR
+
+    with pytest.raises(ValueError, match=message):
+        gk.load_pretrained("mnist", device=device)
+    with pytest.raises(ValueError, match=message):
+        load_head(PRETRAINED_DIR / "mnist" / "head.safetensors", device=device)

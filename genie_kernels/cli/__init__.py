@@ -62,15 +62,9 @@ def _output_file_problem(path: Path, suffixes: Collection[str]) -> str | None:
 
 def device_from_option(name: str):
     """The torch device of a ``--device`` option; ValueError when it is not one, or not here."""
-    import torch
+    from ..checks import check_device
 
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a torch device ({err})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: CUDA is not available here")
-    return device
+    return check_device(name, "--device")
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_module_tensors, read_config
-from ..checks import dtype_from_name
+from ..checks import check_device, dtype_from_name
 from ..cost import RelativeCost
 from ..ode.protocol import as_model
 from .build import head_from_config
@@ -88,6 +88,8 @@ def load_head(path, model=None, use_ema: bool = True, device=None) -> nn.Module:
     Raises :class:`~genie_kernels.checkpoint.CheckpointError` for a missing, corrupt,
     truncated or foreign file, or one made for another model.
     """
+    if device is not None:
+        device = check_device(device)
     config = read_config(path)
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a head checkpoint (format {config.get('format')!r}, expected {FORMAT!r})")
