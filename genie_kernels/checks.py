@@ -34,6 +34,11 @@ def check_device(value, name: str = "device") -> torch.device:
     return device
 
 
+def check_seed(name: str, value) -> None:
+    """A seed ``torch.Generator.manual_seed`` takes: an int in [0, 2^64)."""
+    check_int(name, value, 0, 2 ** 64 - 1)
+
+
 def check_bool(name: str, value) -> None:
     """Refuse anything but ``True`` or ``False`` (``afs="False"`` would otherwise be true)."""
     if not isinstance(value, bool):

@@ -113,3 +113,19 @@ def test_loaders_name_a_device_that_is_not_one_here(device, message):
         gk.load_pretrained("mnist", device=device)
     with pytest.raises(ValueError, match=message):
         load_head(PRETRAINED_DIR / "mnist" / "head.safetensors", device=device)
+
+
+@pytest.mark.parametrize("seed", ["x", 1.5, 2 ** 70, -1, True])
+def test_a_seed_that_manual_seed_cannot_take_is_named(seed):
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 18446744073709551615\], got"):
+        gk.image_mixture((1, 4, 4), seed=seed)
+
+
+def test_an_image_the_unet_cannot_halve_is_named_before_its_layers():
+    from genie_kernels.models.unet import UNet
+
+    model = UNet(image_size=8, channels=8, channel_mults=(1, 2, 2), attn_resolutions=(), norm_groups=4)
+    with pytest.raises(ValueError, match=r"x's height and width must be multiples of 4 \(the UNet halves them 2 "
+                                         r"times\), got 7×7; it was trained at 8×8"):
+        model(torch.zeros(1, 1, 7, 7), torch.ones(1))
+    assert model(torch.zeros(1, 1, 12, 12), torch.ones(1)).shape == (1, 1, 12, 12)

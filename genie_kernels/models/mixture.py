@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..checks import check_seed
 from ..ode.protocol import EpsModel, ModelOutput
 from ..ode.schedules import LinearVPSchedule, VPSchedule
 
@@ -149,6 +150,7 @@ def image_mixture(
     shape=(3, 8, 8), components: int = 4, seed: int = 0, schedule: VPSchedule | None = None
 ) -> GaussianMixture:
     """A random image-shaped mixture (means in [−1, 1], diagonal std in [0.05, 0.3]), fixed by ``seed``."""
+    check_seed("seed", seed)
     gen = torch.Generator().manual_seed(seed)
     means = torch.rand(components, *shape, generator=gen, dtype=torch.float64) * 2 - 1
     stds = 0.05 + 0.25 * torch.rand(components, *shape, generator=gen, dtype=torch.float64)

@@ -302,6 +302,11 @@ class UNet(EpsModel):
         labels (shape (B,) or one label; None: the null label, i.e. unconditional)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        factor = 2 ** (len(self._config["channel_mults"]) - 1)
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"x's height and width must be multiples of {factor} (the UNet halves them "
+                             f"{factor.bit_length() - 1} times), got {x.shape[2]}×{x.shape[3]}; it was trained "
+                             f"at {self.image_size}×{self.image_size}")
         t = t.to(x.dtype).reshape(-1).expand(x.shape[0])
         temb = self.temb_mlp(timestep_embedding(self.time_features(t), self.channels, self.time_scale))
         if self.class_emb is not None:
