@@ -6,6 +6,16 @@ people to read.  Each file is written to a temporary name in the same folder, fl
 and fsynced, then renamed over the target, so a crash never leaves a partial checkpoint
 and the previous one stays valid until the new one is complete.
 
+Integrity: the metadata also holds ``"sha256"``, a SHA-256 over the config text and every
+tensor's name, dtype, shape and bytes (:func:`tensor_digest`), checked by
+:func:`load_checkpoint`; a file whose digest does not match is a :class:`CheckpointError`
+naming it.  Files written before the digest existed (no ``"sha256"`` key) still load.
+
+Links: a target that is a symbolic link is written through — the file the link points to
+is replaced (atomically, in that file's folder) and the link stays; a dangling link is
+refused.  A temporary file left by a killed writer (``.<name>.<pid>.*.tmp``, its process
+gone) is removed by the next write to the same target, or by :func:`remove_stale_temporaries`.
+
 A training run (:func:`~genie_kernels.heads.distill.distill`, :func:`~genie_kernels.zoo.mnist.train_base.train_base`)
 stores its whole state with :func:`training_tensors` — each module's weights under its own
 prefix, the optimizer's per-parameter state, the generator behind every random draw and
@@ -15,24 +25,124 @@ exactly where the saved one stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import reprlib
 import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, safe_open
+from safetensors.torch import load_file, safe_open, save
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupt, or does not match what was asked for."""
 
 
+def tensor_digest(tensors: dict[str, torch.Tensor], config_text: str) -> str:
+    """SHA-256 (hex) over ``config_text`` and each tensor's name, dtype, shape and bytes, by name."""
+    digest = hashlib.sha256(config_text.encode())
+    for name in sorted(tensors):
+        value = tensors[name].detach().cpu().contiguous()
+        digest.update(f"\0{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_file(tensors: dict[str, torch.Tensor], filename, metadata: dict | None = None) -> None:
+    """safetensors' format, written by Python: safetensors' own writer goes through a
+    ``.tmpXXXXXX`` file of its own, which a kill leaves behind."""
+    data = save(tensors, metadata=metadata)
+    with open(filename, "wb") as f:
+        f.write(data)
+
+
+def write_target(path) -> Path:
+    """The file a write to ``path`` replaces: ``path`` itself, or the file a symbolic link
+    there points to.  A dangling link is a :class:`CheckpointError` (writing would either
+    replace the link or create a file somewhere unexpected)."""
+    path = Path(path)
+    if path.is_symlink():
+        if not path.exists():
+            raise CheckpointError(f"{path} is a link to {os.readlink(path)}, which does not exist; "
+                                  "remove the link or give another path")
+        return path.resolve()
+    return path
+
+
+def unwritable_reason(path) -> str | None:
+    """Why ``path`` could not be written by :func:`save_checkpoint` or an image writer, or None.
+
+    Checked before any work is done: a folder, a dangling link, an existing file that is not
+    writable, a folder on the way that is a file, or a folder in which no file can be
+    created (tried: ``os.access`` says yes for root on read-only or virtual file systems).
+    Missing folders above ``path`` are created when it is written, so the nearest existing
+    one must take a new file.
+    """
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"it is a link to {os.readlink(path)}, which does not exist"
+    if path.is_dir():
+        return "it is a folder; give a file name"
+    path = write_target(path)
+    if path.exists():
+        return None if os.access(path, os.W_OK) else "the file is not writable"
+    existing = path.absolute().parent
+    while not existing.exists():
+        if existing.is_symlink():
+            return f"{existing} is a broken link"
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    except OSError as err:
+        return f"no file can be created in the folder {existing} ({err.strerror})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(path) -> list[Path]:
+    """Remove the temporary files that an atomic write to ``path`` (or to its ``.json``
+    copy) left when its process was killed; files of a process still alive stay.
+    Returns the removed paths."""
+    path = write_target(path)
+    if not path.parent.is_dir():
+        return []
+    names = {path.name, path.with_suffix(".json").name}
+    removed = []
+    for candidate in path.parent.iterdir():
+        match = _TEMPORARY.fullmatch(candidate.name)
+        if match and match["name"] in names and not _process_alive(int(match["pid"])):
+            try:
+                candidate.unlink()
+                removed.append(candidate)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def _atomic_write(path: Path, write) -> None:
+    path = write_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
@@ -44,16 +154,36 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable (where the platform lets a folder be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_checkpoint(path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write ``tensors`` and ``config`` to ``path`` (``.safetensors``) and ``path.json``, atomically."""
-    path = Path(path)
+    """Write ``tensors`` and ``config`` to ``path`` (``.safetensors``) and its ``.json`` copy,
+    atomically, with the SHA-256 of both in the metadata.  A link at ``path`` is written
+    through (the ``.json`` copy goes beside the file it points to)."""
+    path = _as_path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"checkpoint path must end in .safetensors, got {path}")
+    path = write_target(path)
+    remove_stale_temporaries(path)
     text = json.dumps(config, indent=2, sort_keys=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"config": text}))
+    metadata = {"config": text, "sha256": tensor_digest(tensors, text)}
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     def write_json(tmp):
         with open(tmp, "w") as f:
@@ -65,7 +195,18 @@ def save_checkpoint(path, tensors: dict[str, torch.Tensor], config: dict) -> Pat
 
 def read_config(path) -> dict:
     """The config stored inside a checkpoint, without loading its tensors."""
-    path = Path(path)
+    return json.loads(_read_metadata(path)["config"])
+
+
+def _as_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a checkpoint path must be a str or os.PathLike, got {type(path).__name__} {path!r:.60}")
+    return Path(path)
+
+
+def _read_metadata(path) -> dict:
+    """The checkpoint's metadata, its config checked to be readable JSON."""
+    path = _as_path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     if path.suffix == ".json":
@@ -78,9 +219,12 @@ def read_config(path) -> dict:
     if "config" not in metadata:
         raise CheckpointError(f"checkpoint {path} has no config in its metadata; it was not written by genie_kernels")
     try:
-        return json.loads(metadata["config"])
+        config = json.loads(metadata["config"])
     except json.JSONDecodeError as err:
         raise CheckpointError(f"checkpoint {path} has an unreadable config: {err}") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint {path} has a config that is a JSON {type(config).__name__}, not an object")
+    return metadata
 
 
 _ABSENT = object()
@@ -106,8 +250,11 @@ def _difference(key: str, found, expected) -> str:
 
 
 def load_checkpoint(path, expect: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load ``(tensors, config)``; with ``expect``, every given config key must match."""
-    config = read_config(path)
+    """Load ``(tensors, config)``; with ``expect``, every given config key must match.
+
+    The stored SHA-256 (where the file has one) must match the tensors and config read."""
+    metadata = _read_metadata(path)
+    config = json.loads(metadata["config"])
     for key, value in (expect or {}).items():
         if config.get(key) != value:
             raise CheckpointError(f"checkpoint {path} does not match: {_difference(key, config.get(key), value)}")
@@ -115,6 +262,9 @@ def load_checkpoint(path, expect: dict | None = None) -> tuple[dict[str, torch.T
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {err}") from err
+    stored = metadata.get("sha256")
+    if stored is not None and stored != tensor_digest(tensors, metadata["config"]):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the SHA-256 stored in it")
     return tensors, config
 
 

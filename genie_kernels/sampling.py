@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_noise
+from .checks import check_bool, check_noise
 from .fast.sampler import check_fused_solver, fused_supports
 from .ode import solvers
 from .ode.guidance import check_guidance_options, guided_models
@@ -67,6 +67,7 @@ def sample(
     guidance_scale: float = 1.0,
     uncond=None,
     guidance_interval: tuple[float, float] | None = None,
+    check_finite: bool = False,
 ):
     """Sample from a noise-prediction diffusion model by solving the DDIM ODE.
 
@@ -102,6 +103,10 @@ def sample(
             null label; an adapter's ``null_cond``).
         guidance_interval: ``(t_lo, t_hi)``: apply the scale only for ``t_lo ≤ t ≤ t_hi``
             and sample conditionally (w = 1) elsewhere; None: at every step.
+        check_finite: raise a ValueError naming the first step (and its t) whose state or
+            ε holds NaN or inf — one host sync per step (at the end for ``cuda_graph``,
+            which then names no step).  Off by default: non-finite values from a model or
+            head otherwise pass to the output unchecked.
 
     Returns:
         the sample shaped like ``noise``; with ``return_nfe`` a :class:`SolverOutput`
@@ -114,10 +119,15 @@ def sample(
         raise ValueError(f"unknown striding {striding!r}; choose one of {STRIDINGS}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(info), got {type(callback).__name__}")
+    for name, value in (("afs", afs), ("denoise", denoise), ("return_nfe", return_nfe), ("check_finite", check_finite)):
+        check_bool(name, value)
     check_model_and_head(model, solver, head)
     guidance = check_guidance_options(cond, guidance_scale, uncond, guidance_interval)
     if guidance is not None:
         guided_models(model, guidance, noise)  # the condition's checks, before any sampling work
+    if afs and steps == 1:
+        raise ValueError("steps=1 with afs=True makes no network call: the one step is the analytic one, so the "
+                         "sample is the data mean scaled by the noise; use steps >= 2 or afs=False")
 
     schedule = schedule_of(model, schedule)
     ts = time_grid(schedule, steps, t_end, striding)
@@ -126,6 +136,8 @@ def sample(
         extra["guidance"] = guidance
     with torch.no_grad():  # forward-mode AD (genie_exact) works without autograd
         chosen = resolve_backend(backend, solver, head, noise, guidance is not None)
+        if check_finite and chosen != "cuda_graph":
+            callback = _finite_checking(callback)
         if chosen == "cuda_graph":
             if callback is not None:
                 raise ValueError("backend='cuda_graph' replays the whole loop at once and cannot call a callback")
@@ -140,4 +152,18 @@ def sample(
                               callback=callback)
         else:
             out = solvers.SOLVERS[solver](model, noise, ts, schedule, **extra, afs=afs, denoise=denoise, callback=callback)
+    if check_finite and not torch.isfinite(out.sample).all():
+        raise ValueError("the sample holds NaN or inf" + (" (denoise=True: in the final denoising call)" if denoise else ""))
     return out if return_nfe else out.sample
+
+
+def _finite_checking(callback):
+    """``callback`` preceded by a check that the step's x and ε are finite."""
+    def check(info: dict) -> None:
+        for name in ("eps", "x"):
+            value = info.get(name)
+            if isinstance(value, Tensor) and not torch.isfinite(value).all():
+                raise ValueError(f"check_finite: {name} holds NaN or inf at step {info['i']} (the step to t = {float(info['t']):.6g})")
+        if callback is not None:
+            callback(info)
+    return check

@@ -22,8 +22,8 @@ def test_anything_else_is_named_with_the_bound(value):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: gk.ConvHead(1, nf=8, groups=4, num_blocks=True), "num_blocks must be an int >= 0, got True"),
-    (lambda: gk.MLPHead(2, hidden=0), "hidden must be an int >= 1, got 0"),
+    (lambda: gk.ConvHead(1, nf=8, groups=4, num_blocks=True), r"num_blocks must be an int in \[0, 1024\], got True"),
+    (lambda: gk.MLPHead(2, hidden=0), r"hidden must be an int in \[1, 65536\], got 0"),
     (lambda: gk.distill(gk.toy_2d(), gk.MLPHead(2), gk.toy_2d(), steps=5, val_buckets=0, progress=False),
      "val_buckets must be an int >= 1, got 0"),
     (lambda: load_mnist(".", pad=1.5), "pad must be an int >= 0, got 1.5"),

@@ -241,6 +241,8 @@ def test_cli_sample_reports_bad_settings_in_one_line(argv, message, capsys, tmp_
     ("{tmp}/broken/digits.png", "broken is a broken link"),
     ("{tmp}/read_only.png", "the file is not writable"),
     ("{tmp}/unsearchable/digits.png", "unsearchable: Permission denied"),
+    ("{tmp}/dangling.png", "it is a link to {tmp}/nowhere.png, which does not exist"),
+    ("/proc/digits.png", "no file can be created in the folder /proc"),  # os.access says yes to root
 ])
 def test_cli_sample_checks_the_output_path_before_sampling(out, message, tmp_path, capsys, monkeypatch):
     from genie_kernels import cli
@@ -250,6 +252,7 @@ def test_cli_sample_checks_the_output_path_before_sampling(out, message, tmp_pat
     (tmp_path / "a_file").write_text("")
     (tmp_path / "read_only.png").write_text("")
     (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
     access = cli.os.access  # root may write anything: stand in for a user who may not
     monkeypatch.setattr(cli.os, "access", lambda path, mode: not str(path).endswith("read_only.png")
                         and access(path, mode))
@@ -265,7 +268,7 @@ def test_cli_sample_checks_the_output_path_before_sampling(out, message, tmp_pat
     with pytest.raises(SystemExit) as exited:
         main(["sample", "--out", out.format(tmp=tmp_path)])
     err = capsys.readouterr().err
-    assert exited.value.code == 2 and "argument --out: cannot write " in err and message in err, err
+    assert exited.value.code == 2 and "argument --out: cannot write " in err and message.format(tmp=tmp_path) in err, err
 
 
 def test_cli_sample_refuses_a_solver_the_backend_cannot_run_before_any_work(tmp_path, capsys, monkeypatch):
@@ -339,3 +342,40 @@ def test_noise_of_another_dtype_than_the_weights_is_named_when_the_model_fails()
 
     x = gk.sample(CastsItsInput(), torch.randn(2, 1, 8, 8), 3, solver="ddim")
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_one_step_with_the_analytic_first_step_is_refused(schedule):
+    """Issue 22 item 12: it made zero network calls and returned grey squares with NFE=0."""
+    mix = gk.GaussianMixture([1.0], [[0.0, 1.0]], [1.0], schedule=schedule)
+    with pytest.raises(ValueError, match="steps=1 with afs=True makes no network call"):
+        gk.sample(mix, torch.zeros(2, 2), 1, solver="ddim", afs=True)
+    assert gk.sample(mix, torch.zeros(2, 2), 1, solver="ddim", return_nfe=True).nfe == 1
+
+
+def test_cli_sample_refuses_one_step_with_afs_and_says_its_defaults(tmp_path, capsys):
+    from genie_kernels.cli import main
+
+    assert main(["sample", "--steps", "1", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "sample: error: steps=1 with afs=True makes no network call" in err and "Traceback" not in err
+    assert "defaults differ from sample()'s: afs=True, striding=uniform" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("seed", [str(2 ** 70), "-1", "x", "1.5"])
+def test_cli_sample_refuses_a_seed_out_of_range(seed, tmp_path, capsys):
+    from genie_kernels.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["sample", "--seed", seed, "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and "argument --seed:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("model", ["mnist", "toy2d"])
+def test_cli_sample_refuses_a_batch_beyond_memory_saying_what_it_needs(model, tmp_path, capsys):
+    from genie_kernels.cli import main
+
+    assert main(["sample", "--model", model, "--batch", str(10 ** 15), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"sample: error: --batch {10 ** 15} needs " in err and "GiB for the noise alone; this machine has" in err

@@ -35,8 +35,8 @@ def output_file(suffixes: Collection[str]):
     """An argparse type: a file path that can be written, checked before any work is done.
 
     The name must end in one of ``suffixes`` (as written: ``.png``, not ``.PNG``), must not
-    be a folder, and an existing file must be writable; missing folders above it are
-    created when the file is written, so the nearest existing one must be a writable folder.
+    be a folder, and :func:`~genie_kernels.checkpoint.unwritable_reason` must find nothing
+    (an existing file writable, no dangling link, a file can be created in the folder).
     """
     def parse(text: str) -> str:
         try:
@@ -51,35 +51,20 @@ def output_file(suffixes: Collection[str]):
 
 
 def _output_file_problem(path: Path, suffixes: Collection[str]) -> str | None:
+    from ..checkpoint import unwritable_reason
+
     if path.is_dir():
         return "it is a folder; give a file name"
     if path.suffix not in suffixes:
         return f"the name must end in {', '.join(suffixes)}"
-    if path.exists():
-        return None if os.access(path, os.W_OK) else "the file is not writable"
-    existing = path.absolute().parent
-    while not existing.exists():
-        if existing.is_symlink():
-            return f"{existing} is a broken link"
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"the folder {existing} is not writable"
-    return None
+    return unwritable_reason(path)
 
 
 def device_from_option(name: str):
     """The torch device of a ``--device`` option; ValueError when it is not one, or not here."""
-    import torch
+    from ..checks import check_device
 
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device {name!r} is not a torch device ({err})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name!r}: CUDA is not available here")
-    return device
+    return check_device(name, "--device")
 
 
 def main(argv=None) -> int:

@@ -16,6 +16,7 @@ unconditionally.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -35,9 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mnist", help="bundled model name, a folder with unet/head files, or 'toy2d' (default mnist)")
     p.add_argument("--solver", default="genie", choices=list(SOLVERS), help="solver (default genie)")
     p.add_argument("--steps", type=int_at_least(1), default=None,
-                   help="solver steps (default 10 for mnist — 9 calls after AFS; 25 for toy2d)")
+                   help="solver steps (default 10 for mnist — 9 calls after AFS; 25 for toy2d); with AFS, which is "
+                        "on here (sample() has it off), at least 2")
     p.add_argument("--no-afs", action="store_true", help="spend a network call on the first step instead of the analytic one")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the noise, in [0, 2^64) (default 0)")
     p.add_argument("--batch", type=int_at_least(1), default=None, help="number of samples (default 64 for mnist, 2000 for toy2d)")
     p.add_argument("--out", default="samples.png", type=output_file(IMAGE_SUFFIXES),
                    help="output image, checked before sampling; missing folders are created (default samples.png)")
@@ -57,6 +59,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --digits: classifier-free guidance scale w, eps_u + w (eps_c - eps_u) (default 1: conditional)")
     p.add_argument("--guidance-interval", default=None,
                    help="with --guidance: LO,HI, guide only for t in [LO, HI] (default: every step)")
+
+
+def seed_value(text: str) -> int:
+    """An argparse type: a seed torch.Generator.manual_seed takes, an integer in [0, 2^64)."""
+    value = int(text)
+    if not 0 <= value < 2 ** 64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^64), got {value}")
+    return value
+
+
+seed_value.__name__ = "seed"  # argparse names the type in its "invalid seed value" message
 
 
 def run(args) -> int:
@@ -89,6 +102,7 @@ def run_model(args, device: torch.device) -> int:
         nrow = 8 if args.batch is None else args.batch
         labels = labels.repeat_interleave(nrow).to(device)
         batch = labels.shape[0]
+    check_memory(batch, model.in_channels * model.image_size ** 2, dtype)
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(batch, model.in_channels, model.image_size, model.image_size, generator=gen).to(device, dtype)
     if resolve_backend(args.backend, args.solver, head, noise, labels is not None) == "cpp":  # refuses one that cannot run
@@ -99,6 +113,9 @@ def run_model(args, device: torch.device) -> int:
         except ExtensionUnavailable:
             pass  # sample() says why the backend is not available
     striding = args.striding or "uniform"
+    if args.striding is None or not args.no_afs:
+        print(f"sample: note: the command line's defaults differ from sample()'s: afs={not args.no_afs}, "
+              f"striding={striding} (sample() defaults to afs=False, striding={DEFAULT_STRIDING!r})", file=sys.stderr)
     start = time.perf_counter()
     x, nfe = sample(model, noise, steps, solver=args.solver, head=head, schedule=schedule, afs=not args.no_afs,
                     striding=striding, backend=args.backend, return_nfe=True, cond=labels, **guidance)
@@ -131,6 +148,18 @@ def _conditions(args):
     return torch.tensor([int(d) for d in args.digits]), options
 
 
+def check_memory(batch: int, values_per_sample: int, dtype: torch.dtype) -> None:
+    """Refuse a --batch whose noise alone (float32 while drawn) would not fit in this machine's memory."""
+    needed = batch * values_per_sample * max(4, dtype.itemsize)
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on every platform
+        return
+    if needed > available:
+        raise ValueError(f"--batch {batch} needs {needed / 2 ** 30:.3g} GiB for the noise alone; this machine has "
+                         f"{available / 2 ** 30:.3g} GiB of memory")
+
+
 def run_toy(args, device: torch.device) -> int:
     if args.digits is not None or args.guidance != 1.0:
         raise ValueError("--digits and --guidance need a class-conditional model, not --model toy2d")
@@ -140,6 +169,7 @@ def run_toy(args, device: torch.device) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     batch = 2000 if args.batch is None else args.batch
     steps = 25 if args.steps is None else args.steps
+    check_memory(batch, 2, torch.float64)
     noise = torch.randn(batch, 2, generator=gen, dtype=torch.float64).to(device)
     solver = args.solver
     if solver == "genie":

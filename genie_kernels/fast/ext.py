@@ -80,11 +80,23 @@ def _register_fake() -> None:
     if _fake_registered:
         return
 
+    from .update import _check_for_kernel
+
     @torch.library.register_fake("genie_cpp::taylor_update")
     def _(xbar: Tensor, eps: Tensor, aux: Tensor | None, gammas: Tensor, step: int, mode: str):
+        # The dispatcher comes here whenever one tensor is on "meta" (or fake), so the C++
+        # op's checks never run: make the same ones (a meta eps beside a CPU x̄ is refused).
+        _check_for_kernel(xbar, eps, aux, gammas, step, mode)
         # Same allocation as the kernels (at::empty_like), so strides agree.
         return torch.empty_like(xbar), torch.empty_like(eps)
 
+    def no_backward(ctx, *grads):
+        raise RuntimeError("Trying to backward through genie_cpp::taylor_update but no autograd formula was "
+                           "registered: the fused update is for sampling (use taylor_update_reference to "
+                           "differentiate)")
+
+    # Without it backward runs and the gradient is silently None (PyTorch's fallback only warns).
+    torch.library.register_autograd("genie_cpp::taylor_update", no_backward)
     _fake_registered = True
 
 
@@ -162,13 +174,28 @@ def _jit_prerequisites() -> tuple[bool, str]:
         return False, f"no C++ compiler ({compiler!r} not found)"
     if not cpp_extension.is_ninja_available():
         return False, "no ninja (pip install ninja)"
+    cached = _cached_build()
+    if cached is not None:
+        return True, f"JIT-built and cached in {cached.parent} (loads in about a second; rebuilt if the sources changed)"
     return True, "can be JIT-built (compiler found)"
+
+
+def _cached_build():
+    """The shared library of an earlier JIT build in torch's extension cache, or None."""
+    from torch.utils import cpp_extension
+
+    try:
+        library = Path(cpp_extension._get_build_directory(JIT_NAME, verbose=False)) / f"{JIT_NAME}.so"
+    except (OSError, RuntimeError, AttributeError):  # a private helper of torch: may change
+        return None
+    return library if library.is_file() else None
 
 
 def status() -> tuple[bool, str]:
     """``(available, reason)`` without building anything.
 
-    reason is "loaded", "prebuilt", "can be JIT-built (compiler found)", or why not.
+    reason is "loaded", "prebuilt", "JIT-built and cached in …", "can be JIT-built
+    (compiler found)", or why not.
     """
     if "ns" in _loaded:
         return True, "loaded"

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checks import check_int
 from . import cdiv, launch_directly, next_power_of_2, raw_kernel
 
 
@@ -60,11 +61,19 @@ def group_norm_silu_reference(
 
 
 def _check(h, weight, shift, groups, bias, residual) -> None:
+    check_int("groups", groups, 1)
+    for name, value in (("h", h), ("weight", weight), ("shift", shift), ("bias", bias), ("residual", residual)):
+        if value is not None and (not isinstance(value, Tensor) or not value.is_floating_point()):
+            what = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            raise TypeError(f"group_norm_silu: {name} must be a real floating tensor, got {what}")
     if h.dim() < 2:
         raise ValueError(f"group_norm_silu needs (B, C, ...) input, got shape {tuple(h.shape)}")
     b, c = h.shape[:2]
     if c % groups:
         raise ValueError(f"channels {c} are not divisible by groups {groups}")
+    if c // groups * math.prod(h.shape[2:]) < 2 and h.numel():
+        raise ValueError(f"each of the {groups} groups of input shape {tuple(h.shape)} holds one value; "
+                         "group norm needs more than one")
     if weight.shape != (c,) or shift.shape != (c,):
         raise ValueError(f"weight and shift must have shape ({c},)")
     if bias is not None and bias.shape not in ((c,), (b, c)):

@@ -30,9 +30,44 @@ from . import cdiv, launch_directly, next_power_of_2, raw_kernel
 MODES = ("ddim", "genie", "ab2")
 
 
+XBAR_DTYPES = (torch.float32, torch.float64)
+EPS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+GAMMA_DTYPES = (torch.float64, torch.float32)
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_update_types(xbar, eps, aux, gammas, step, mode) -> None:
+    """Argument types of a fused update, as the C++ op (``csrc/taylor_update.cpp``) checks
+    them: tensors of the storage dtypes the kernels are built for, an int ``step``."""
+    for name, value in (("xbar", xbar), ("eps", eps), ("gammas", gammas)) + ((("aux", aux),) if aux is not None else ()):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"taylor_update: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"taylor_update: step must be an int, got {type(step).__name__} {step!r}")
+    if not isinstance(mode, str):
+        raise TypeError(f"taylor_update: mode must be a str, got {type(mode).__name__}")
+    for name, value, allowed in (("x̄", xbar, XBAR_DTYPES), ("eps", eps, EPS_DTYPES), ("gammas", gammas, GAMMA_DTYPES)):
+        if value.dtype not in allowed:
+            raise TypeError(f"taylor_update: {name} must be {_names(allowed)}, got {str(value.dtype).removeprefix('torch.')}")
+    if aux is not None and mode != "ddim" and aux.dtype != eps.dtype:
+        raise TypeError(f"taylor_update: aux must have eps's dtype {eps.dtype}, got {aux.dtype}")
+
+
 def _check(xbar: Tensor, eps: Tensor, aux: Tensor | None, gammas: Tensor, step: int, mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown update mode {mode!r}; choose one of {MODES}")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise TypeError(f"taylor_update: step must be an int, got {type(step).__name__} {step!r}")
+    for name, value in (("x̄", xbar), ("eps", eps), ("gammas", gammas), ("aux", aux)):
+        if value is not None and (not isinstance(value, Tensor) or not value.is_floating_point()):
+            what = value.dtype if isinstance(value, Tensor) else type(value).__name__
+            raise TypeError(f"taylor_update: {name} must be a real floating tensor, got {what}")
+    if mode == "genie" and xbar.dim() < 2:
+        raise ValueError(f"taylor_update: mode 'genie' needs x̄ shaped (B, C, ...) with a channel dimension, "
+                         f"got shape {tuple(xbar.shape)}")
     if eps.shape != xbar.shape:
         raise ValueError(f"eps has shape {tuple(eps.shape)}, x̄ has {tuple(xbar.shape)}")
     if gammas.dim() != 1 or not 0 <= step < gammas.numel() - 1:
@@ -122,15 +157,16 @@ def _launch(xbar: Tensor, eps: Tensor, aux: Tensor | None, gammas: Tensor, step:
     block = 1024 if numel >= 1024 else next_power_of_2(max(numel, 16))
     launcher(_taylor_update_kernel)[(cdiv(numel, block),)](
         xbar, eps, eps if aux is None else aux, gammas, new_xbar, new_x,
-        step, numel, numel // int(xbar.shape[0]),
+        step, numel, numel // int(xbar.shape[0]) if xbar.dim() else numel,  # a 0-D x̄ is one sample
         MODE=MODES.index(mode), COMPUTE=tl.float64 if xbar.dtype == torch.float64 else tl.float32, BLOCK=block,
     )
     return new_xbar, new_x
 
 
 def _check_for_kernel(xbar, eps, aux, gammas, step, mode) -> None:
-    """What the reference needs (:func:`_check`), and the device and layout the kernel needs."""
+    """What the reference needs (:func:`_check`), and the dtypes, device and layout the kernel needs."""
     _check(xbar, eps, aux, gammas, step, mode)
+    check_update_types(xbar, eps, aux, gammas, step, mode)
     tensors = [xbar, eps, gammas] + ([aux] if aux is not None else [])
     if any(t.device != xbar.device for t in tensors):
         raise ValueError("x̄, eps, aux and gammas must be on one device")

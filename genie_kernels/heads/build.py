@@ -16,6 +16,8 @@ HEADS = {ConvHead.kind: ConvHead, MLPHead.kind: MLPHead}
 
 def head_from_config(config: dict) -> _HeadBase:
     """Build an untrained head from its ``config()`` dict."""
+    if not isinstance(config, dict):
+        raise ValueError(f"a head config must be a dict with a 'type', got {type(config).__name__} {config!r:.60}")
     kind = config.get("type")
     if kind not in HEADS:
         raise ValueError(f"unknown head type {kind!r}; known: {tuple(HEADS)}")

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_int
+from ..checks import check_int, check_parameter_count
 from ..ode.protocol import ModelOutput, state_dtype
 from .base import GammaEmbedding, _HeadBase, combine_mixed
 
@@ -58,12 +58,16 @@ class ConvHead(_HeadBase):
     def __init__(self, channels: int, *, feature_channels: int = 0, temb_channels: int = 0, nf: int = 64,
                  num_blocks: int = 1, groups: int = 8, embed_dim: int = 64):
         super().__init__()
-        for name, value, low in (("channels", channels, 1), ("feature_channels", feature_channels, 0),
-                                 ("temb_channels", temb_channels, 0), ("nf", nf, 1), ("num_blocks", num_blocks, 0),
-                                 ("groups", groups, 1), ("embed_dim", embed_dim, 2)):
-            check_int(name, value, low)
+        for name, value, low, high in (("channels", channels, 1, 2 ** 16), ("feature_channels", feature_channels, 0, 2 ** 16),
+                                       ("temb_channels", temb_channels, 0, 2 ** 16), ("nf", nf, 1, 2 ** 16),
+                                       ("num_blocks", num_blocks, 0, 1024), ("groups", groups, 1, None),
+                                       ("embed_dim", embed_dim, 2, 2 ** 16)):
+            check_int(name, value, low, high)
         if nf % groups:
             raise ValueError(f"groups ({groups}) must divide nf ({nf})")
+        temb = temb_channels or 4 * nf
+        check_parameter_count("ConvHead", 9 * nf * (2 * channels + feature_channels + 3 * channels)
+                              + num_blocks * (18 * nf * nf + temb * nf) + (0 if temb_channels else embed_dim * temb))
         self.channels, self.feature_channels, self.temb_channels = channels, feature_channels, temb_channels
         self.nf, self.num_blocks, self.groups, self.embed_dim = nf, num_blocks, groups, embed_dim
         temb_dim = temb_channels or 4 * nf

@@ -48,8 +48,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..checkpoint import (CheckpointError, load_checkpoint, read_config, restore_training, save_checkpoint,
-                          training_tensors)
-from ..checks import check_int
+                          training_tensors, unwritable_reason)
+from ..checks import check_int, check_number
 from ..ode.derivative import exact_deps_dgamma
 from ..ode.guidance import GuidedModel
 from ..ode.protocol import as_model
@@ -95,8 +95,7 @@ def _check_settings(*, steps, batch_size, lr, lr_schedule, grad_clip, t_eps, ema
                              ("validate_every", validate_every, 0), ("val_size", val_size, 0),
                              ("val_buckets", val_buckets, 1)):
         check_int(name, value, low)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    check_number("lr", lr, above=0.0)  # a numpy float too: it is stored as float(lr)
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {LR_SCHEDULES}")
     if not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
@@ -122,6 +121,9 @@ def check_new_output(out, resume: bool, *, resume_option: str = "resume=True") -
     how the caller spells the way to resume (the command line says ``--resume``)."""
     if out is not None and Path(out).exists() and not resume:
         raise FileExistsError(f"{out} exists; pass {resume_option} to continue that run, or choose another path")
+    problem = None if out is None else unwritable_reason(out)
+    if problem:
+        raise ValueError(f"out: cannot write {out}: {problem}")
 
 
 def distill(

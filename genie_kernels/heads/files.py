@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_module_tensors, read_config
+from ..checks import check_device, dtype_from_name
 from ..cost import RelativeCost
 from ..ode.protocol import as_model
 from .build import head_from_config
@@ -87,6 +88,8 @@ def load_head(path, model=None, use_ema: bool = True, device=None) -> nn.Module:
     Raises :class:`~genie_kernels.checkpoint.CheckpointError` for a missing, corrupt,
     truncated or foreign file, or one made for another model.
     """
+    if device is not None:
+        device = check_device(device)
     config = read_config(path)
     if config.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a head checkpoint (format {config.get('format')!r}, expected {FORMAT!r})")
@@ -98,10 +101,15 @@ def load_head(path, model=None, use_ema: bool = True, device=None) -> nn.Module:
     tensors, config = load_checkpoint(path)
     try:
         head = head_from_config(config["head"])
-    except (KeyError, ValueError) as err:
+    except KeyError as err:
+        raise CheckpointError(f"checkpoint {path} has no head config ({err})") from err
+    except ValueError as err:
         raise CheckpointError(f"checkpoint {path} has an unusable head config: {err}") from err
     prefix = "ema." if use_ema and config.get("ema") else "head."
-    dtype = getattr(torch, str(config.get("training", {}).get("dtype", "float32")).replace("torch.", ""))
+    try:
+        dtype = dtype_from_name((config.get("training") or {}).get("dtype", "float32"), "training.dtype")
+    except (AttributeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has an unusable training config: {err}") from err
     head.to(dtype=dtype)
     load_module_tensors(head, tensors, prefix, path)
     head.cost = stored_cost(config, path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..checks import check_int
+from ..checks import check_int, check_parameter_count
 from ..ode.protocol import ModelOutput, state_dtype
 from .base import GammaEmbedding, _HeadBase, combine_mixed
 
@@ -23,9 +23,12 @@ class MLPHead(_HeadBase):
     def __init__(self, dim: int, *, feature_dim: int = 0, temb_channels: int = 0, hidden: int = 256,
                  num_layers: int = 3, embed_dim: int = 64):
         super().__init__()
-        for name, value, low in (("dim", dim, 1), ("feature_dim", feature_dim, 0), ("temb_channels", temb_channels, 0),
-                                 ("hidden", hidden, 1), ("num_layers", num_layers, 1), ("embed_dim", embed_dim, 2)):
-            check_int(name, value, low)
+        for name, value, low, high in (("dim", dim, 1, 2 ** 28), ("feature_dim", feature_dim, 0, 2 ** 28),
+                                       ("temb_channels", temb_channels, 0, 2 ** 16), ("hidden", hidden, 1, 2 ** 16),
+                                       ("num_layers", num_layers, 1, 1024), ("embed_dim", embed_dim, 2, 2 ** 16)):
+            check_int(name, value, low, high)
+        check_parameter_count("MLPHead", hidden * (2 * dim + feature_dim + (temb_channels or hidden))
+                              + (num_layers - 1) * hidden * hidden + 3 * dim * hidden)
         self.dim, self.feature_dim, self.temb_channels = dim, feature_dim, temb_channels
         self.hidden, self.num_layers, self.embed_dim = hidden, num_layers, embed_dim
         if not temb_channels:

@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..checks import check_seed
 from ..ode.protocol import EpsModel, ModelOutput
 from ..ode.schedules import LinearVPSchedule, VPSchedule
 
@@ -40,6 +41,9 @@ class GaussianMixture(EpsModel):
         variances = torch.as_tensor(variances, dtype=torch.float64)
         if means.dim() < 2 or means.shape[0] == 0 or means[0].numel() == 0:
             raise ValueError(f"means must be shaped (K, *data) with K >= 1 and non-empty data, got {tuple(means.shape)}")
+        for name, value in (("weights", weights), ("means", means), ("variances", variances)):
+            if not torch.isfinite(value).all():
+                raise ValueError(f"{name} must be finite, got NaN or inf in {name}")
         k = means.shape[0]
         if weights.shape != (k,) or (weights <= 0).any():
             raise ValueError(f"weights must be {k} positive numbers, got shape {tuple(weights.shape)}")
@@ -146,6 +150,7 @@ def image_mixture(
     shape=(3, 8, 8), components: int = 4, seed: int = 0, schedule: VPSchedule | None = None
 ) -> GaussianMixture:
     """A random image-shaped mixture (means in [−1, 1], diagonal std in [0.05, 0.3]), fixed by ``seed``."""
+    check_seed("seed", seed)
     gen = torch.Generator().manual_seed(seed)
     means = torch.rand(components, *shape, generator=gen, dtype=torch.float64) * 2 - 1
     stds = 0.05 + 0.25 * torch.rand(components, *shape, generator=gen, dtype=torch.float64)

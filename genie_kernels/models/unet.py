@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_module_tensors
+from ..checks import check_int, check_parameter_count
 from ..ode.protocol import EpsModel, ModelOutput
 from ..ode.schedules import LinearVPSchedule, schedule_from_config
 
@@ -127,6 +128,24 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _check_sizes(*, image_size, in_channels, channels, channel_mults, num_res_blocks, attn_resolutions,
+                 norm_groups) -> None:
+    """Types and ranges of the UNet's sizes, and its parameter count, before anything is allocated."""
+    for name, value, low, high in (("image_size", image_size, 1, 2 ** 14), ("in_channels", in_channels, 1, 2 ** 12),
+                                   ("channels", channels, 2, 2 ** 14), ("num_res_blocks", num_res_blocks, 0, 256),
+                                   ("norm_groups", norm_groups, 1, None)):
+        check_int(name, value, low, high)
+    for name, values, high in (("channel_mults", channel_mults, 64), ("attn_resolutions", attn_resolutions, 2 ** 14)):
+        if not isinstance(values, (list, tuple)) or (name == "channel_mults" and not 1 <= len(values) <= 8):
+            raise ValueError(f"{name} must be a list of ints{' (1 to 8 levels)' if name == 'channel_mults' else ''}, "
+                             f"got {values!r}")
+        for index, value in enumerate(values):
+            check_int(f"{name}[{index}]", value, 1, high)
+    widest = channels * max(channel_mults)
+    blocks = len(channel_mults) * (2 * num_res_blocks + 2) + 2
+    check_parameter_count("UNet", blocks * (9 * 4 * widest * widest + 8 * channels * widest + 4 * widest * widest))
+
+
 class UNet(EpsModel):
     """Compact ε-prediction UNet (see the module docstring); the defaults are the shipped MNIST model.
 
@@ -164,6 +183,8 @@ class UNet(EpsModel):
         schedule: dict | None = None,
     ):
         super().__init__()
+        _check_sizes(image_size=image_size, in_channels=in_channels, channels=channels, channel_mults=channel_mults,
+                     num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions, norm_groups=norm_groups)
         if time_input not in TIME_INPUTS:
             raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {time_input!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= MAX_CLASSES:
@@ -240,7 +261,7 @@ class UNet(EpsModel):
             raise ValueError(f"unknown UNet config keys {sorted(unknown)}")
         cfg = dict(config)
         for key in ("channel_mults", "attn_resolutions"):
-            if key in cfg:
+            if isinstance(cfg.get(key), list):  # anything else is named by the constructor's check
                 cfg[key] = tuple(cfg[key])
         return cls(**cfg)
 
@@ -295,6 +316,11 @@ class UNet(EpsModel):
         labels (shape (B,) or one label; None: the null label, i.e. unconditional)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        factor = 2 ** (len(self._config["channel_mults"]) - 1)
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"x's height and width must be multiples of {factor} (the UNet halves them "
+                             f"{factor.bit_length() - 1} times), got {x.shape[2]}×{x.shape[3]}; it was trained "
+                             f"at {self.image_size}×{self.image_size}")
         t = t.to(x.dtype).reshape(-1).expand(x.shape[0])
         temb = self.temb_mlp(timestep_embedding(self.time_features(t), self.channels, self.time_scale))
         if self.class_emb is not None:
@@ -336,8 +362,15 @@ def load_unet(path, return_config: bool = False):
         prefix = "ema."
     else:
         raise CheckpointError(f"checkpoint {path} is of kind {kind!r}, not a UNet ({UNET_KIND!r} or {TRAIN_KIND!r})")
+    unet = config.get("unet")
+    if not isinstance(unet, dict):
+        raise CheckpointError(f"checkpoint {path} has no UNet config (its 'unet' entry is {unet!r:.60})")
+    if "schedule" not in unet:  # exported before the UNet carried its schedule: the file's own
+        if not isinstance(config.get("schedule"), dict):
+            raise CheckpointError(f"checkpoint {path} names no noise schedule (neither unet.schedule nor schedule)")
+        unet = dict(unet, schedule=config["schedule"])
     try:
-        model = UNet.from_config(config["unet"])
+        model = UNet.from_config(unet)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has an invalid UNet config: {err}") from err
     load_module_tensors(model, tensors, prefix, path)

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..checks import check_number
 from .protocol import as_model, checked_call
 from .schedules import VPSchedule, check_schedule, checked_grid
 
@@ -26,8 +27,9 @@ def ode_solution(model, noise: Tensor, ts: Tensor, schedule: VPSchedule, *, step
     the arguments in the solvers' order.
 
     Returns a float64 tensor of shape ``(len(ts), *noise.shape)``.  ``steps_per_unit`` is
-    the number of RK4 steps per unit of ``log γ``.
+    the number of RK4 steps per unit of ``log γ`` (in (0, 1e6]).
     """
+    check_number("steps_per_unit", steps_per_unit, above=0.0, at_most=1e6)
     check_schedule(schedule)
     model = as_model(model)
     ts = checked_grid(ts)

@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..checks import check_number
+
 Striding = Literal["uniform", "quadratic", "logsnr"]
 STRIDINGS = ("uniform", "quadratic", "logsnr")
 
@@ -69,6 +71,9 @@ class VPSchedule:
         return -gamma / ((1.0 + gamma.square()) * self.dlog_alpha_dt(t))
 
 
+MAX_LOG_SNR_RANGE = 80.0  # log(1 + γ(1)²) of a linear schedule: γ(1)² stays well inside float32
+
+
 class LinearVPSchedule(VPSchedule):
     """Continuous linear-β schedule of DDPM / ScoreSDE.
 
@@ -78,8 +83,13 @@ class LinearVPSchedule(VPSchedule):
     """
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        beta_min, beta_max = check_number("beta_min", beta_min), check_number("beta_max", beta_max)
         if not 0.0 < beta_min < beta_max:
             raise ValueError(f"need 0 < beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+        if (beta_min + beta_max) / 2 > MAX_LOG_SNR_RANGE:  # log(1 + γ(1)²)
+            raise ValueError(f"beta_max={beta_max:g} with beta_min={beta_min:g} puts γ(1) at "
+                             f"exp({(beta_min + beta_max) / 4:.4g}), beyond what float32 holds squared; need "
+                             f"beta_min + beta_max <= {2 * MAX_LOG_SNR_RANGE:g}")
         self.beta_min = float(beta_min)
         self.beta_d = float(beta_max) - float(beta_min)
 
@@ -196,6 +206,12 @@ def check_steps(steps) -> None:
         raise TypeError(f"steps must be an int, got {type(steps).__name__}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps must be <= {MAX_STEPS:,}, got {steps:,}: its time grid alone would take "
+                         f"{8 * (steps + 1) / 2 ** 30:.3g} GiB, and few-step sampling needs tens")
+
+
+MAX_STEPS = 1_000_000
 
 
 def check_t_end(t_end) -> None:

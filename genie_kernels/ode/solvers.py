@@ -42,6 +42,7 @@ from typing import Callable, NamedTuple, Optional, Protocol
 import torch
 from torch import Tensor
 
+from ..checks import check_bool, check_noise
 from .derivative import exact_deps_dgamma
 from .guidance import Guidance, GuidedCall, GuidedModel, guided_derivative, guided_models
 from .protocol import ModelOutput, as_model, checked_call, state_dtype
@@ -71,6 +72,14 @@ def analytic_eps(x: Tensor, gamma: Tensor) -> Tensor:
     ``gamma`` is a 0-dim tensor (on x's device or the CPU); no value goes to the host.
     """
     return x * (gamma * torch.rsqrt(1.0 + gamma * gamma)).to(x.dtype)
+
+
+def check_solver_arguments(noise, afs, denoise) -> None:
+    """What every solver takes: floating noise shaped (B, ...) (not checked for NaN: no host
+    sync here), and ``afs`` and ``denoise`` that are bools."""
+    check_noise(noise, finite=False)
+    check_bool("afs", afs)
+    check_bool("denoise", denoise)
 
 
 class _Trajectory:
@@ -137,6 +146,7 @@ class _Trajectory:
 def ddim(model, noise: Tensor, ts: Tensor, schedule: VPSchedule, *, afs=False, denoise=False, callback: Callback = None,
          guidance: Guidance | None = None) -> SolverOutput:
     """DDIM, the first truncated Taylor method: ``x̄_{n+1} = x̄_n + h_n ε_n``."""
+    check_solver_arguments(noise, afs, denoise)
     traj = _Trajectory(model, noise, ts, schedule, guidance)
     for n in range(traj.steps):
         eps = analytic_eps(traj.x, traj.gammas[n]) if afs and n == 0 else traj.model_output(n).eps
@@ -165,13 +175,19 @@ def genie(
     ``x̄_{n+1} = x̄_n + h_n ε_n + ½ h_n² k_ψ(x_n, ε_n, features_n, temb_n, γ_n)``; with
     guidance ``k = k_u + w (k_c − k_u)``, the head on both halves of the batched call.
     """
+    check_solver_arguments(noise, afs, denoise)
     if not callable(head):
         raise TypeError(f"genie needs a distilled head, head(x, out, gamma) -> dε/dγ; got {type(head).__name__}")
     traj = _Trajectory(model, noise, ts, schedule, guidance)
 
     def derivative(n):
         call = traj.guided_call(n)
-        return call.eps, guided_derivative(head, traj.x, call, traj.gamma_batch(n))
+        deps = guided_derivative(head, traj.x, call, traj.gamma_batch(n))
+        if not isinstance(deps, Tensor) or deps.shape != call.eps.shape:
+            got = f"shape {tuple(deps.shape)}" if isinstance(deps, Tensor) else type(deps).__name__
+            raise ValueError(f"genie: the head must return dε/dγ shaped like ε {tuple(call.eps.shape)}, got {got} "
+                             f"at step {n}")
+        return call.eps, deps
 
     _ttm2(traj, derivative, afs, callback)
     return traj.finish(denoise)
@@ -187,6 +203,7 @@ def genie_exact(
     step; by FLOPs the pair costs about four forward passes, see :func:`.jvp_cost`).  With
     guidance both differentiate the guided ε_w, each one call of batch 2B.
     """
+    check_solver_arguments(noise, afs, denoise)
     traj = _Trajectory(model, noise, ts, schedule, guidance)
 
     def derivative(n):
@@ -213,6 +230,7 @@ def adams_bashforth(
 
     The first steps use the orders the history allows (Euler, then AB2).
     """
+    check_solver_arguments(noise, afs, denoise)
     if order not in (1, 2, 3):
         raise ValueError(f"Adams-Bashforth order must be 1, 2 or 3, got {order}")
     traj = _Trajectory(model, noise, ts, schedule, guidance)

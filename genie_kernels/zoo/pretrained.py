@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checks import check_device
 from ..checkpoint import CheckpointError
 from ..heads.files import load_head
 from ..models.unet import PRETRAINED_DIR, load_pretrained_unet
@@ -32,8 +33,10 @@ def load_pretrained(name_or_path="mnist", device=None, with_head: bool = True):
 
     Returns ``(model, head, schedule)``; ``head`` is ``None`` when ``with_head`` is false.
     Raises :class:`CheckpointError` for a missing, truncated or mismatched file (a head
-    distilled for other weights is refused).
+    distilled for other weights is refused), ValueError for a device that is not one here.
     """
+    if device is not None:
+        device = check_device(device)
     folder = pretrained_dir(name_or_path)
     model, config = load_pretrained_unet(folder / "unet.safetensors", return_config=True)
     schedule: VPSchedule = schedule_from_config(config["schedule"])

@@ -329,3 +329,33 @@ def test_jit_build_notice_shows_only_while_a_slow_load_runs(load, monkeypatch):
     (timer,) = timers
     timer.join(5)
     assert not timer.is_alive() and printed.is_set() == (load == "slow")
+
+
+def test_a_meta_tensor_beside_cpu_tensors_is_refused_not_allocated():
+    """Issue 22 item 5: the dispatcher sends such a call to the fake kernel, which returned
+    an uninitialised CPU tensor without the C++ op's device check."""
+    xbar, eps, aux, gammas = make_inputs((1, 3, 4, 4), torch.float32, torch.float32, "genie")
+    with pytest.raises(ValueError, match="must be on one device"):
+        torch.ops.genie_cpp.taylor_update(xbar, eps.to("meta"), aux, gammas, 1, "genie")
+    new_xbar, new_x = torch.ops.genie_cpp.taylor_update(*(t.to("meta") for t in (xbar, eps, aux, gammas)), 1, "genie")
+    assert new_xbar.device.type == "meta" and new_x.shape == eps.shape
+
+
+def test_a_gradient_through_the_cpp_op_is_refused_as_through_the_triton_ops():
+    """Issue 22 item 5: backward ran and left x.grad None."""
+    xbar, eps, aux, gammas = make_inputs((1, 3, 4, 4), torch.float32, torch.float32, "genie")
+    xbar.requires_grad_(True)
+    new_xbar, _ = torch.ops.genie_cpp.taylor_update(xbar, eps, aux, gammas, 1, "genie")
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        new_xbar.sum().backward()
+
+
+def test_status_says_when_a_jit_build_is_cached(monkeypatch, tmp_path):
+    """Issue 22 item 12: gk.backends() said "can be JIT-built" after the build was cached."""
+    if not ext._jit_prerequisites()[0]:
+        pytest.skip("no compiler or ninja here")
+    monkeypatch.setattr(ext, "_cached_build", lambda: tmp_path / f"{ext.JIT_NAME}.so")
+    assert ext._jit_prerequisites() == (True, f"JIT-built and cached in {tmp_path} (loads in about a second; "
+                                              "rebuilt if the sources changed)")
+    monkeypatch.setattr(ext, "_cached_build", lambda: None)
+    assert ext._jit_prerequisites() == (True, "can be JIT-built (compiler found)")

@@ -334,3 +334,22 @@ def test_group_norm_silu_of_an_empty_tensor_is_empty(shape):
     h, w = torch.zeros(shape, device=DEVICE), torch.ones(4, device=DEVICE)
     out, y = group_norm_silu(h, w, w, 2, residual=h)
     assert out.shape == y.shape == shape
+
+
+@pytest.mark.parametrize("groups, h, error, message", [
+    (-1, torch.ones(2, 8, 4, 4), ValueError, r"groups must be an int >= 1, got -1"),
+    (0, torch.ones(2, 8, 4, 4), ValueError, r"groups must be an int >= 1, got 0"),
+    (2.0, torch.ones(2, 8, 4, 4), ValueError, r"groups must be an int >= 1, got 2.0"),
+    (2, torch.ones(8), ValueError, r"needs \(B, C, ...\) input, got shape \(8,\)"),
+    (2, torch.ones(2, 8, 4, 4, dtype=torch.complex64), TypeError, r"h must be a real floating tensor"),
+    (2, torch.ones(2, 8, 4, 4, dtype=torch.int32), TypeError, r"h must be a real floating tensor, got torch.int32"),
+])
+def test_group_norm_silu_names_bad_groups_and_inputs(groups, h, error, message):
+    """Issue 22 item 4: groups = -1 passed ``8 % -1 == 0`` and returned uninitialised memory,
+    groups = 0 divided by zero."""
+    weight = torch.ones(8, device=DEVICE)
+    for call in (group_norm_silu, group_norm_silu_reference):
+        with pytest.raises(error, match=message):
+            call(h.to(DEVICE), weight, weight, groups)
+    with pytest.raises((error, RuntimeError), match=f"{message}|for argument 'groups'"):  # the schema's own check
+        torch.ops.genie_kernels.group_norm_silu(h.to(DEVICE), weight, weight, groups, 1e-5, None, None, 1.0)

@@ -140,3 +140,32 @@ def test_an_empty_batch_gives_empty_outputs(mode):
     xbar, eps, aux, gammas = make_inputs((0, 3, 4, 4), torch.float32, mode)
     new_xbar, new_x = taylor_update(xbar, eps, gammas, 2, mode, aux)
     assert new_xbar.shape == new_x.shape == (0, 3, 4, 4)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(xbar=torch.ones(1, 3, 4, 4, dtype=torch.int32)), TypeError, "x̄ must be a real floating tensor, got torch.int32"),
+    (dict(xbar=torch.ones(1, 3, 4, 4, dtype=torch.int64)), TypeError, "x̄ must be a real floating tensor"),
+    (dict(eps=torch.ones(1, 3, 4, 4, dtype=torch.bool)), TypeError, "eps must be a real floating tensor, got torch.bool"),
+    (dict(eps=torch.ones(1, 3, 4, 4, dtype=torch.complex64)), TypeError, "eps must be a real floating tensor"),
+    (dict(xbar=torch.ones(1, 3, 4, 4, dtype=torch.float16)), TypeError, "x̄ must be float32, float64, got float16"),
+    (dict(step=1.0), TypeError, "step must be an int, got float 1.0"),
+    (dict(step=True), TypeError, "step must be an int, got bool"),
+    (dict(xbar=torch.ones(()), eps=torch.ones(())), ValueError, r"'genie' needs x̄ shaped \(B, C, ...\) .* got shape \(\)"),
+    (dict(xbar=torch.ones(4), eps=torch.ones(4)), ValueError, r"'genie' needs x̄ shaped \(B, C, ...\) .* shape \(4,\)"),
+])
+def test_the_triton_update_refuses_what_the_cpp_op_refuses(change, error, message):
+    """Item 4 of issue 22: integer, bool, complex x̄ or ε, a float step and 0-D/1-D x̄ were
+    taken (or failed deep inside); now named, as the C++ op names them."""
+    xbar, eps, aux, gammas = make_inputs((1, 3, 4, 4), torch.float32, "genie")
+    args = dict(xbar=xbar, eps=eps, gammas=gammas, step=1, mode="genie", aux=aux)
+    args.update({k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()})
+    if "eps" in change and args["eps"].shape == args["xbar"].shape and "xbar" not in change:
+        args["aux"] = None
+        args["mode"] = "ddim"
+    with pytest.raises(error, match=message):
+        taylor_update(**args)
+    if args["step"] is True:
+        return  # the op's schema reads a bool as the int 1
+    with pytest.raises((error, RuntimeError), match=f"{message}|for argument 'step'"):  # the schema's own check
+        torch.ops.genie_kernels.taylor_update(args["xbar"], args["eps"], args["aux"], args["gammas"], args["step"],
+                                              args["mode"])

@@ -450,6 +450,18 @@ def test_an_output_path_without_the_safetensors_suffix_is_refused_before_trainin
     assert steps == [] and files_in(tmp_path) == []
 
 
+@pytest.mark.parametrize("out, message", [
+    ("/proc/head.safetensors", r"out: cannot write /proc/head\.safetensors: no file can be created in the folder /proc"),
+    ("{tmp}/dangling.safetensors", r"out: cannot write .*dangling\.safetensors: it is a link to .*nowhere"),
+])
+def test_distill_from_python_checks_that_out_can_be_written_before_training(out, message, tmp_path):
+    (tmp_path / "dangling.safetensors").symlink_to(tmp_path / "nowhere.safetensors")
+    steps = []
+    with pytest.raises(ValueError, match=message):
+        run(small_head(), small_mixture(), out=out.format(tmp=tmp_path), callback=lambda step, loss: steps.append(step))
+    assert steps == []
+
+
 def test_training_never_draws_the_rows_held_out_for_validation(monkeypatch):
     distill_module = sys.modules["genie_kernels.heads.distill"]
     original, draws = distill_module.data_sampler, []
@@ -534,3 +546,18 @@ def test_load_head_refuses_a_checkpoint_of_another_format(tmp_path):
     save_checkpoint(path, tensors, dict(config, format="someone_else/1"))
     with pytest.raises(CheckpointError, match=r"is not a head checkpoint \(format 'someone_else/1'"):
         load_head(path)
+
+
+def test_a_numpy_learning_rate_is_taken_and_a_bad_one_named():
+    """Issue 22 item 10: lr=np.float32(1e-3) was refused."""
+    import numpy as np
+
+    from genie_kernels.heads.distill import _check_settings
+
+    settings = dict(steps=1, batch_size=8, lr=np.float32(1e-3), lr_schedule="constant", grad_clip=1.0, t_eps=1e-3,
+                    ema_decay=0.0, checkpoint_every=0, validate_every=0, val_size=0, val_buckets=1, out=None,
+                    resume=False, world=1, time_limit=None)
+    _check_settings(**settings)
+    for bad, error in ((math.nan, ValueError), (-1.0, ValueError), ("1e-3", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="lr must be a"):
+            _check_settings(**dict(settings, lr=bad))

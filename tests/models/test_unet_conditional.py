@@ -106,7 +106,8 @@ def test_unconditional_unet_refuses_labels_and_bad_configs():
 
 def test_checkpoint_of_the_old_architecture_given_as_the_new_is_refused(tmp_path):
     old = UNet.from_config({**TINY, "time_scale": 1000.0})
-    path = save_checkpoint(tmp_path / "unet.safetensors", old.state_dict(), {"kind": UNET_KIND, "unet": COND})
+    config = {"kind": UNET_KIND, "unet": COND, "schedule": LinearVPSchedule().config()}
+    path = save_checkpoint(tmp_path / "unet.safetensors", old.state_dict(), config)
     with pytest.raises(CheckpointError, match=r"missing \['class_emb.weight'\]"):
         load_unet(path)
 

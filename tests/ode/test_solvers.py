@@ -2,6 +2,8 @@ import copy
 import math
 
 import numpy as np
+import re
+
 import pytest
 import torch
 
@@ -220,3 +222,15 @@ def test_solvers_called_directly_may_end_their_grid_at_zero(image_mix, image_noi
     assert torch.isfinite(x).all()
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         run(image_mix, image_noise, torch.tensor([1.0, 0.5, -0.1], dtype=torch.float64), schedule)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (8, 3, 8, 1), (), (8, 9, 8, 8)])
+def test_genie_refuses_a_head_output_of_the_wrong_shape(image_mix, image_noise, schedule, shape):
+    """Issue 22 item 7: a head output that broadcasts was taken silently."""
+    import genie_kernels as gk
+
+    noise = image_noise.float()
+    head = lambda x, out, gamma: torch.zeros(shape)  # noqa: E731
+    with pytest.raises(ValueError, match=rf"head must return dε/dγ shaped like ε \(8, 3, 8, 8\), got shape "
+                                         rf"{re.escape(str(tuple(shape)))} at step 0"):
+        gk.sample(image_mix, noise, 3, solver="genie", head=head, schedule=schedule)

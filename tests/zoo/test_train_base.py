@@ -145,7 +145,8 @@ def test_truncated_and_mismatched_checkpoints(tmp_path):
     bad = tmp_path / "bad.safetensors"
     model = UNet.from_config(TINY_UNET)
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("conv_out")}
-    checkpoint_module.save_checkpoint(bad, state, {"kind": "genie_kernels.unet", "unet": TINY_UNET})
+    checkpoint_module.save_checkpoint(bad, state, {"kind": "genie_kernels.unet", "unet": TINY_UNET,
+                                                   "schedule": model.schedule.config()})
     with pytest.raises(CheckpointError, match="missing.*conv_out"):
         load_unet(bad)
     checkpoint_module.save_checkpoint(bad, model.state_dict(), {"kind": "something.else"})
