@@ -88,7 +88,8 @@ def test_cli_distill_conditional(model, tmp_path, capsys):
     from genie_kernels.cli import main
     from genie_kernels.models.unet import UNET_KIND
 
-    unet = save_checkpoint(tmp_path / "unet.safetensors", model.state_dict(), {"kind": UNET_KIND, "unet": COND})
+    # model.config() names the schedule, which a UNet file must
+    unet = save_checkpoint(tmp_path / "unet.safetensors", model.state_dict(), {"kind": UNET_KIND, "unet": model.config()})
     data = tmp_path / "digits.safetensors"
     save_file({"data": DATA.contiguous(), "labels": LABELS.contiguous()}, str(data))
     out = tmp_path / "head.safetensors"
