@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import genie_kernels as gk  # noqa: E402
+from genie_kernels.ode.smoothness import afs_gap  # noqa: E402
 from smoothness import load_model  # noqa: E402
 
 SETTINGS = [(striding, afs) for striding in ("uniform", "quadratic") for afs in (False, True)]
@@ -63,9 +64,7 @@ def main() -> None:
     for n in steps_list:
         lines.append(f"| {n} | {best['ddim', n]:.4f} | {best['genie_exact', n]:.4f} | "
                      f"{best['genie_exact', n] / best['ddim', n]:.2f} |")
-    gamma1 = schedule.gamma(torch.tensor(1.0, dtype=torch.float64))
-    eps1 = model(noise, torch.ones(args.samples, dtype=torch.float64)).detach()
-    gap = float((eps1 - noise * gamma1 / (1 + gamma1**2).sqrt()).norm() / eps1.norm())
+    gap = afs_gap(model, noise, schedule)
     text = (f"Exact GENIE vs DDIM on {args.model} ({args.samples} samples, float64, "
             f"{time.perf_counter() - start:.0f} s)\n\n" + "\n".join(lines)
             + f"\n\nAFS gap ‖ε(x, 1) − σ₁x‖ / ‖ε(x, 1)‖: {gap:.4f}\n")

@@ -244,6 +244,7 @@ def distill(
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     validation: list[dict] = []
+    cost_record: dict | None = None  # head.cost as the checkpoint stores it, with the batch and device measured at
     start = 0
 
     if resume and out is not None and out.exists():
@@ -254,14 +255,14 @@ def distill(
         head.cost = stored_cost(config, out)  # measured when that run finished
         if ema_head is not None:
             ema_head.cost = head.cost
+        if head.cost is not None:
+            cost_record = config.get("cost") or head.cost.config()
 
     def save(step: int) -> None:
         if out is None or rank != 0:
             return
         tensors = training_tensors(optimizer, gen, losses, **_run_state(head, ema_head))
-        cost = getattr(head, "cost", None)
-        config = dict(expect, step=step, ema=ema_head is not None, validation=validation,
-                      cost=None if cost is None else dict(cost.config(), batch=cost_batch[0], device=str(device)))
+        config = dict(expect, step=step, ema=ema_head is not None, validation=validation, cost=cost_record)
         save_checkpoint(out, tensors, config)
 
     val_buckets_data = None
@@ -290,11 +291,10 @@ def distill(
         if progress:
             bar.write(format_validation(step, rows))
 
-    cost_batch = [batch_size]
-
     def measure_cost() -> None:
         """Set ``head.cost`` to the head's cost relative to one network call (rank 0), on the
         first validation bucket or, without validation, on a batch of its own."""
+        nonlocal cost_record
         if rank != 0:
             return
         if val_buckets_data is not None:
@@ -306,7 +306,7 @@ def distill(
         final = ema_head if ema_head is not None else head
         cost_model = model if conditions is None else GuidedModel(model, cond[:1], x.shape[0], device)
         head.cost = final.cost = head_cost(final, cost_model, x, t)
-        cost_batch[0] = x.shape[0]
+        cost_record = dict(head.cost.config(), batch=x.shape[0], device=str(device))
 
     train_head = head
     if world > 1:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError, load_checkpoint, load_module_tensors
-from ..checks import check_int, check_parameter_count
+from ..checks import check_int, check_number, check_parameter_count
 from ..ode.protocol import EpsModel, ModelOutput
 from ..ode.schedules import LinearVPSchedule, schedule_from_config
 
@@ -187,10 +187,8 @@ class UNet(EpsModel):
                      num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions, norm_groups=norm_groups)
         if time_input not in TIME_INPUTS:
             raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {time_input!r}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 0 <= num_classes <= MAX_CLASSES:
-            raise ValueError(f"num_classes must be an int in [0, {MAX_CLASSES}], got {num_classes!r}")
-        if not (isinstance(time_scale, (int, float)) and math.isfinite(time_scale) and time_scale > 0):
-            raise ValueError(f"time_scale must be a finite number > 0, got {time_scale!r}")
+        check_int("num_classes", num_classes, 0, MAX_CLASSES)
+        check_number("time_scale", time_scale, above=0)
         self.schedule = schedule_from_config(schedule) if schedule is not None else LinearVPSchedule()
         levels = len(channel_mults)
         if levels < 1 or image_size % (2 ** (levels - 1)):

@@ -124,8 +124,16 @@ def smoothness_report(model, noise: Tensor, schedule: VPSchedule | None = None, 
         one_ttm2 = genie_exact(model, x0, pair, schedule).sample
         steps.append((t0, t1, rmse(one_ddim, states[t1]), rmse(one_ttm2, states[t1])))
 
-    x1 = noise
+    return SmoothnessReport(partial_t, total, steps, afs_gap(model, noise, schedule))
+
+
+def afs_gap(model, noise: Tensor, schedule: VPSchedule) -> float:
+    """``‖ε(x, 1) − σ₁x‖ / ‖ε(x, 1)‖`` at ``x = noise``: how far the analytic first step's
+    stand-in for ε is from the model's own (inf where the model's ε is zero)."""
+    model = as_model(model)
     gamma1 = schedule.gamma(torch.tensor(1.0, dtype=torch.float64))
-    model_eps = checked_call(model, x1, at(1.0)).eps.to(torch.float64)
-    afs_gap = _relative(analytic_eps(x1.to(torch.float64), gamma1), model_eps) if model_eps.norm() > 0 else float("inf")
-    return SmoothnessReport(partial_t, total, steps, afs_gap)
+    ones = torch.ones(noise.shape[0], dtype=noise.dtype, device=noise.device)
+    model_eps = checked_call(model, noise, ones).eps.to(torch.float64)
+    if not model_eps.norm() > 0:
+        return float("inf")
+    return _relative(analytic_eps(noise.to(torch.float64), gamma1), model_eps)
