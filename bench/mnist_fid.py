@@ -3,6 +3,12 @@
     PYTHONPATH=. python bench/mnist_fid.py [--samples 1000] [--nfes 5,10] [--seed 0] [--threads 2]
         [--no-peers] [--peer-select rmse|trailing] [--ref-steps 100]
         [--classifier runs/mnist_classifier.safetensors] [--out-markdown PATH]
+    PYTHONPATH=. python bench/mnist_fid.py --model FOLDER --base-quality 200   # the base model alone
+
+``--base-quality STEPS`` measures the network, not a sampler: the FD of ``--samples`` digits
+from an ab3 solve with STEPS steps (uniform, float32, close to the exact ODE solution)
+against the held-out digits, and its ratio to the data-vs-data floor (the bundled-model bar:
+at most 2x at 200 steps).  It needs no head, so it runs on a freshly exported model folder.
 
 Features: the 128-d penultimate activations (after ReLU) of a small CNN classifier
 (conv32-pool-conv64-pool-pool-fc128-fc10, ~95k parameters) trained by this script on the
@@ -196,6 +202,8 @@ def main() -> None:
     p.add_argument("--peers", default=None, help="comma-separated diffusers peers to run (default: all)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--classifier", default=str(REPO / "runs" / "mnist_classifier.safetensors"))
+    p.add_argument("--base-quality", type=int, default=None, metavar="STEPS",
+                   help="only the FD of an ab3 solve with STEPS steps, and its ratio to the floor (no head needed)")
     p.add_argument("--out-markdown", default=None, help="also write the table (and its header lines) to this file")
     args = p.parse_args()
     nfes = [int(n) for n in args.nfes.split(",")]
@@ -231,7 +239,7 @@ def main() -> None:
     floor = fd(train[0][pick])
     log(f"data vs data (1,000 training digits vs the 1,000 held-out): FD {floor:.3f} (matrix square root: {method})")
 
-    model, head, schedule = gk.load_pretrained(args.model)
+    model, head, schedule = gk.load_pretrained(args.model, with_head=args.base_quality is None)
     model.eval()
     shape = (model.in_channels, model.image_size, model.image_size)
     batches = noise_batches(args.samples, args.seed, shape)
@@ -242,6 +250,15 @@ def main() -> None:
         if not torch.isfinite(x).all():
             return float("nan")
         return fd(x.clamp(-1, 1))
+
+    if args.base_quality is not None:
+        start = time.perf_counter()
+        value = run(lambda noise: gk.sample(model, noise, args.base_quality, solver="ab3", schedule=schedule,
+                                            striding="uniform"))
+        print(f"\nbase model {args.model}: FD {value:.3f} of {args.samples} samples (ab3, {args.base_quality} steps) "
+              f"= {value / floor:.2f}x the data-vs-data floor {floor:.3f} ({time.perf_counter() - start:.0f} s, "
+              f"{args.threads} thread(s))", flush=True)
+        return
 
     methods = {
         "ddim": lambda n: dict(steps=n, solver="ddim"),

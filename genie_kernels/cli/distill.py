@@ -89,8 +89,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     g.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
-                   help="learning rate over the run: constant, or cosine decay from --lr towards 0 over --steps "
-                        "(default constant)")
+                   help="learning rate over the run: constant, or cosine or linear decay from --lr towards 0 over "
+                        "--steps (linear is the published GENIE recipe's; default constant)")
+    g.add_argument("--head-eps", choices=("model", "noise"), default="model",
+                   help="the ε the head takes in training: the network's prediction (as when sampling) or the noise "
+                        "that made x_t (as the published GENIE code trains); default model")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
     g.add_argument("--t-eps", type=float, default=1e-3, help="smallest training time t (default 1e-3)")
     g.add_argument("--ema", type=float, default=0.0, help="EMA decay of the head's weights, 0 for none (default 0)")
@@ -231,7 +234,8 @@ def run(args) -> int:
                          checkpoint_every=args.checkpoint_every, resume=args.resume,
                          validate_every=args.validate_every, val_size=args.val_size, val_buckets=args.val_buckets,
                          time_limit=None if args.max_minutes is None else 60.0 * args.max_minutes,
-                         progress=not args.no_progress, cond=labels, cond_drop=args.cond_drop)
+                         progress=not args.no_progress, cond=labels, cond_drop=args.cond_drop,
+                         head_eps=args.head_eps)
     except (ValueError, TypeError, OSError, FloatingPointError) as err:  # OSError: unreadable data, a full disk
         kind = "checkpoint error" if isinstance(err, CheckpointError) else "error"
         print(f"distill: {kind}: {err}", file=sys.stderr)

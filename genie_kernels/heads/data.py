@@ -89,8 +89,8 @@ def check_conditions(model, data, cond, cond_drop, val_size: int):
 
 
 def noisy_conditional_batch(sample_pair, gen: torch.Generator, batch: int, schedule: VPSchedule, t_min: float,
-                            t_max: float, null: Tensor | None = None, drop: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x_t, γ, cond)`` as :func:`noisy_batch`, each sample with its condition, replaced by
+                            t_max: float, null: Tensor | None = None, drop: float = 0.0) -> NoisyBatch:
+    """:func:`noisy_batch` with each sample's condition (``cond``), replaced by
     ``null`` (one null condition, shape (1, ...)) with probability ``drop``; the drop mask is
     drawn from ``gen`` after the rest."""
     drawn = []
@@ -100,12 +100,12 @@ def noisy_conditional_batch(sample_pair, gen: torch.Generator, batch: int, sched
         drawn.append(cond)
         return x0
 
-    x_t, gamma = noisy_batch(x0_only, gen, batch, schedule, t_min, t_max)
+    draw = noisy_batch(x0_only, gen, batch, schedule, t_min, t_max)
     cond = drawn[0]
     if drop:
         dropped = (torch.rand(batch, generator=gen, dtype=torch.float64) < drop).to(cond.device)
         cond = torch.where(dropped.view(-1, *([1] * (cond.dim() - 1))), null.to(cond.device, cond.dtype), cond)
-    return x_t, gamma, cond
+    return draw._replace(cond=cond)
 
 
 def hold_out(data, val_size: int):
@@ -137,15 +137,24 @@ def probe_model(model, sample_x0: Sampler, dtype: torch.dtype, device: torch.dev
                          f"{str(err).splitlines()[0]}") from err
 
 
+class NoisyBatch(NamedTuple):
+    """One draw of noisy training inputs: ``x = α_t x_0 + σ_t noise`` at ``γ = σ_t / α_t``
+    (float64), with the samples' conditions (``None`` for an unconditional draw)."""
+    x: Tensor
+    gamma: Tensor
+    noise: Tensor
+    cond: Tensor | None = None
+
+
 def noisy_batch(sample_x0: Sampler, gen: torch.Generator, batch: int, schedule: VPSchedule,
-                t_min: float, t_max: float) -> tuple[Tensor, Tensor]:
-    """``(x_t, γ)`` in float64 with ``t ~ U[t_min, t_max]``, all drawn from ``gen``."""
+                t_min: float, t_max: float) -> NoisyBatch:
+    """``x_t`` with ``t ~ U[t_min, t_max]`` and ``z ~ N(0, I)``, all drawn from ``gen``."""
     x0 = sample_x0(batch, gen).to("cpu", torch.float64)
     t = t_min + (t_max - t_min) * torch.rand(batch, generator=gen, dtype=torch.float64)
     z = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
     shape = (-1,) + (1,) * (x0.dim() - 1)
     x_t = schedule.alpha(t).view(shape) * x0 + schedule.sigma(t).view(shape) * z
-    return x_t, schedule.gamma(t)
+    return NoisyBatch(x_t, schedule.gamma(t), z)
 
 
 def weighted_loss(pred: Tensor, target: Tensor, gamma: Tensor) -> Tensor:
@@ -177,9 +186,9 @@ def validation_set(model, data, schedule: VPSchedule, size: int = 64, buckets: i
     for lo, hi in zip(edges[:-1], edges[1:]):
         bucket_model = model
         if cond is None:
-            x, gamma = noisy_batch(sample, gen, size, schedule, lo, hi)
+            x, gamma, _, _ = noisy_batch(sample, gen, size, schedule, lo, hi)
         else:
-            x, gamma, c = noisy_conditional_batch(sample, gen, size, schedule, lo, hi)
+            x, gamma, _, c = noisy_conditional_batch(sample, gen, size, schedule, lo, hi)
             bucket_model = GuidedModel(model, c, x.shape[0], device)
         x = x.to(device, dtype)
         with torch.no_grad():

@@ -47,9 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import (CheckpointError, load_checkpoint, read_config, restore_training, save_checkpoint,
-                          training_tensors, unwritable_reason)
-from ..checks import check_int, check_number
+from ..checkpoint import load_checkpoint, restore_training, save_checkpoint, training_tensors
 from ..ode.derivative import exact_deps_dgamma
 from ..ode.guidance import GuidedModel
 from ..ode.protocol import as_model
@@ -58,9 +56,9 @@ from .cost import head_cost
 from .data import (check_conditions, data_sampler, format_validation, hold_out, noisy_batch, noisy_conditional_batch,
                    paired_sampler, probe_model, relative_errors, validation_set, weighted_loss)
 from .files import FORMAT, model_identity, stored_cost
+from .recipe import LR_SCHEDULES, any_rank, check_new_output, check_settings, kept_checkpoint, learning_rate
 
-
-LR_SCHEDULES = ("constant", "cosine")
+__all__ = ["LR_SCHEDULES", "DistillResult", "NonFiniteLossError", "check_new_output", "distill"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -74,56 +72,11 @@ class DistillResult(NamedTuple):
     step: int                # steps completed
 
 
-def learning_rate(lr: float, lr_schedule: str, step: int, steps: int) -> float:
-    """The learning rate of (1-based) ``step``: ``lr``, or with ``"cosine"``
-    ``lr · ½(1 + cos(π (step−1)/steps))``, which reaches 0 at ``steps + 1``."""
-    if lr_schedule == "cosine":
-        return lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / steps))
-    return lr
-
-
 def _run_state(head: nn.Module, ema_head: nn.Module | None) -> dict:
     """Where :func:`~genie_kernels.checkpoint.training_tensors` puts a distillation's state
     (the names existing checkpoints use)."""
     modules = {"head.": head} if ema_head is None else {"head.": head, "ema.": ema_head}
     return dict(modules=modules, optimizer_prefix="optim.", rng_key="rng")
-
-
-def _check_settings(*, steps, batch_size, lr, lr_schedule, grad_clip, t_eps, ema_decay, checkpoint_every,
-                    validate_every, val_size, val_buckets, out, resume, world, time_limit) -> None:
-    for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("checkpoint_every", checkpoint_every, 0),
-                             ("validate_every", validate_every, 0), ("val_size", val_size, 0),
-                             ("val_buckets", val_buckets, 1)):
-        check_int(name, value, low)
-    check_number("lr", lr, above=0.0)  # a numpy float too: it is stored as float(lr)
-    if lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {LR_SCHEDULES}")
-    if not (isinstance(grad_clip, (int, float)) and grad_clip > 0):
-        raise ValueError(f"grad_clip must be a positive number, got {grad_clip!r}")
-    if not (isinstance(t_eps, (int, float)) and 0.0 < t_eps < 1.0):
-        raise ValueError(f"t_eps must lie in (0, 1), got {t_eps!r}")
-    if not (isinstance(ema_decay, (int, float)) and 0.0 <= ema_decay < 1.0):
-        raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
-    if batch_size % world:
-        raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
-    if checkpoint_every and out is None:
-        raise ValueError("checkpoint_every needs an output path (out=...)")
-    if resume and out is None:
-        raise ValueError("resume=True needs the checkpoint path (out=...)")
-    if out is not None and Path(out).suffix != ".safetensors":
-        raise ValueError(f"the checkpoint path must end in .safetensors, got {out}")
-    if time_limit is not None and not (isinstance(time_limit, (int, float)) and time_limit > 0):
-        raise ValueError(f"time_limit must be a positive number of seconds, got {time_limit!r}")
-
-
-def check_new_output(out, resume: bool, *, resume_option: str = "resume=True") -> None:
-    """Refuse to train over an existing checkpoint unless resuming it; ``resume_option`` is
-    how the caller spells the way to resume (the command line says ``--resume``)."""
-    if out is not None and Path(out).exists() and not resume:
-        raise FileExistsError(f"{out} exists; pass {resume_option} to continue that run, or choose another path")
-    problem = None if out is None else unwritable_reason(out)
-    if problem:
-        raise ValueError(f"out: cannot write {out}: {problem}")
 
 
 def distill(
@@ -151,6 +104,7 @@ def distill(
     time_limit: float | None = None,
     cond=None,
     cond_drop: float = 0.1,
+    head_eps: str = "model",
 ) -> DistillResult:
     """Distil ``head`` onto the exact dε/dγ of the frozen ``model`` (see the module docstring).
 
@@ -165,9 +119,9 @@ def distill(
         batch_size: global batch (split evenly across DDP processes).
         lr, grad_clip: Adam learning rate and gradient-norm clip (the published CIFAR-10
             recipe: lr 5e-5, clip 1, batch 16, 20k steps, one residual block, nf 128).
-        lr_schedule: ``"constant"`` or ``"cosine"`` (``lr · ½(1 + cos(π (s−1)/steps))`` at
-            step s, from ``lr`` down towards 0; see :func:`learning_rate`); with ``"cosine"``
-            ``steps`` belongs to the run's configuration.
+        lr_schedule: ``"constant"``, ``"cosine"`` or ``"linear"`` (decays to 0 at step
+            ``steps + 1``; formulas in :mod:`.recipe`); a decaying schedule makes ``steps``
+            part of the run's configuration.
         t_eps: smallest training time.
         ema_decay: EMA decay of the weights (0: no EMA).
         seed: seed of the one generator behind every training draw.
@@ -192,6 +146,9 @@ def distill(
             model's null condition (:meth:`EpsModel.null_cond`), so that the head learns the
             unconditional half of guidance too; validation then also reports the held-out
             samples under the null condition (rows with ``"condition"``).
+        head_eps: the ε the head takes during training: ``"model"`` (the network's
+            prediction, as when sampling) or ``"noise"`` (the noise that made x_t, as the
+            published GENIE code trains; see :mod:`.recipe`).  Validation uses the network's.
 
     Returns:
         :class:`DistillResult`.  At the end the head's cost relative to one network call is
@@ -202,10 +159,10 @@ def distill(
     """
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    _check_settings(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, grad_clip=grad_clip,
+    check_settings(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, grad_clip=grad_clip,
                     t_eps=t_eps, ema_decay=ema_decay, checkpoint_every=checkpoint_every, validate_every=validate_every,
                     val_size=val_size, val_buckets=val_buckets, out=out, resume=resume, world=world,
-                    time_limit=time_limit)
+                    time_limit=time_limit, head_eps=head_eps)
     if not isinstance(head, nn.Module) or not hasattr(head, "config"):
         raise TypeError(f"head must be a head module with config(), got {type(head).__name__}")
     model = as_model(model)
@@ -231,8 +188,10 @@ def distill(
     training = {"batch_size": batch_size, "lr": float(lr), "grad_clip": float(grad_clip), "t_eps": float(t_eps),
                 "ema_decay": float(ema_decay), "seed": seed, "dtype": str(dtype).replace("torch.", ""),
                 "val_size": val_size, "val_buckets": val_buckets, "lr_schedule": lr_schedule}
-    if lr_schedule == "cosine":
+    if lr_schedule != "constant":
         training["steps"] = steps
+    if head_eps != "model":
+        training["head_eps"] = head_eps
     if conditions is not None:
         training["cond_drop"] = float(cond_drop)
     expect = {"format": FORMAT, "head": head.config(), "schedule": schedule.config(),
@@ -300,7 +259,8 @@ def distill(
         if val_buckets_data is not None:
             x, gamma = val_buckets_data[0].x, val_buckets_data[0].gamma
         else:  # its own generator: the training draws stay as they were
-            x, gamma = noisy_batch(sample_x0, torch.Generator().manual_seed(seed + 2), batch_size, schedule, t_eps, 1.0)
+            x, gamma, _, _ = noisy_batch(sample_x0, torch.Generator().manual_seed(seed + 2), batch_size, schedule,
+                                         t_eps, 1.0)
             x, gamma = x.to(device, dtype), gamma.to(device)
         t = schedule.t_from_gamma(gamma.to(torch.float64)).to(x.dtype)
         final = ema_head if ema_head is not None else head
@@ -321,14 +281,16 @@ def distill(
         for step in range(start + 1, steps + 1):
             step_model = model
             if conditions is None:
-                x_t, gamma = noisy_batch(sample_x0, gen, batch_size, schedule, t_eps, 1.0)
+                x_t, gamma, noise, _ = noisy_batch(sample_x0, gen, batch_size, schedule, t_eps, 1.0)
             else:
-                x_t, gamma, c = noisy_conditional_batch(sample_pair, gen, batch_size, schedule, t_eps, 1.0, null,
-                                                        cond_drop)
+                x_t, gamma, noise, c = noisy_conditional_batch(sample_pair, gen, batch_size, schedule, t_eps, 1.0,
+                                                               null, cond_drop)
                 step_model = GuidedModel(model, c[local], c[local].shape[0], device)
             x_t, gamma = x_t[local].to(device, dtype), gamma[local].to(device)
             with torch.no_grad():
                 model_out, target = exact_deps_dgamma(step_model, x_t, gamma, schedule)
+            if head_eps == "noise":
+                model_out = model_out._replace(eps=noise[local].to(device, dtype))
             loss = weighted_loss(train_head(x_t, model_out, gamma), target, gamma)
             global_loss = loss.detach().clone()
             if world > 1:
@@ -336,14 +298,14 @@ def distill(
                 global_loss /= world
             value = float(global_loss)
             if not math.isfinite(value):
-                raise NonFiniteLossError(f"distillation loss is {value} at step {step}; stopped, {_kept(out)}")
+                raise NonFiniteLossError(f"distillation loss is {value} at step {step}; stopped, {kept_checkpoint(out)}")
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(lr, lr_schedule, step, steps)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(nn.utils.clip_grad_norm_(params, grad_clip))
             if not math.isfinite(grad_norm):
-                raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}; stopped, {_kept(out)}")
+                raise NonFiniteLossError(f"gradient norm is {grad_norm} at step {step}; stopped, {kept_checkpoint(out)}")
             optimizer.step()
             if ema_head is not None:
                 with torch.no_grad():
@@ -359,7 +321,7 @@ def distill(
             if callback is not None:
                 callback(step, value)
             last = step
-            if deadline is not None and step != steps and _any_rank(time.monotonic() > deadline, device, world):
+            if deadline is not None and step != steps and any_rank(time.monotonic() > deadline, device, world):
                 bar.write(f"time limit of {time_limit:.0f} s reached at step {step}; resume to continue")
                 break
         if start < last:
@@ -372,23 +334,3 @@ def distill(
         dist.barrier()
     final = ema_head if ema_head is not None else head
     return DistillResult(final.eval(), losses, validation, last)
-
-
-def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
-    """``flag`` or-ed over the DDP ranks, so that they all stop at the same step."""
-    if world == 1:
-        return flag
-    value = torch.tensor(float(flag), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def _kept(path: Path | None) -> str:
-    """Where the last good checkpoint is, for error messages."""
-    if path is None or not path.exists():
-        return "no checkpoint was written"
-    try:
-        step = int(read_config(path)["step"])
-    except (CheckpointError, KeyError, ValueError):
-        step = "unknown"
-    return f"the last good checkpoint (step {step}) is kept at {path}"

@@ -17,7 +17,8 @@ import genie_kernels as gk
 from genie_kernels.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from genie_kernels.heads.conv import ConvHead
 from genie_kernels.heads.data import ValidationBucket, noisy_batch, relative_errors, validation_set, weighted_loss
-from genie_kernels.heads.distill import NonFiniteLossError, _check_settings, distill
+from genie_kernels.heads.distill import NonFiniteLossError, distill
+from genie_kernels.heads.recipe import check_settings
 from genie_kernels.heads.files import load_head, model_identity
 from genie_kernels.heads.mlp import MLPHead
 from genie_kernels.ode.protocol import ModelOutput
@@ -296,6 +297,55 @@ def test_cosine_learning_rate_and_ema_follow_their_formulas(recorded_adam):
     assert any((e - p).abs().max() > 1e-4 for e, p in zip(ema, head.parameters()))  # the EMA is not the last weights
 
 
+def test_linear_learning_rate_decays_to_zero_after_the_last_step(recorded_adam):
+    """The published recipe's decay: lr_s = lr · (1 − (s−1)/steps)."""
+    run(small_head(), small_mixture(), steps=4, lr=1e-2, lr_schedule="linear")
+    assert recorded_adam.lrs == pytest.approx([1e-2 * (1 - s / 4) for s in range(4)], rel=1e-12)
+
+
+@pytest.mark.parametrize("head_eps", ["model", "noise"])
+def test_head_eps_chooses_what_the_head_sees_in_training_and_validation_sees_the_model(head_eps):
+    """With head_eps="noise" the head takes the noise z that made x_t (the published training
+    code's choice): x_t = α x_0 + σ z holds for what it got; with "model" it takes ε(x_t, t).
+    Validation always passes the network's ε."""
+    schedule = gk.LinearVPSchedule()
+    mixture = small_mixture()
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = small_head()
+            self.config = self.inner.config
+
+        def forward(self, x, out, gamma):
+            seen.append((self.training, x.detach().clone(), out.eps.detach().clone(), gamma.detach().clone()))
+            return self.inner(x, out, gamma)
+
+    data = mixture.sample_data(200, torch.Generator().manual_seed(1)).double()
+    distill(mixture, Recording().double(), data, schedule, steps=2, batch_size=8, val_size=16, val_buckets=1,
+            progress=False, head_eps=head_eps)
+    train_calls, validation_call = seen[:2], seen[2]  # then the head's cost is timed
+    assert [c[0] for c in seen[:3]] == [True, True, False]
+    for _, x, eps, gamma in train_calls:
+        t = schedule.t_from_gamma(gamma)
+        predicted = mixture(x, t)
+        if head_eps == "model":
+            torch.testing.assert_close(eps, predicted)
+        else:  # the noise that made x_t: it maps x_t back onto training rows exactly
+            assert (eps - predicted).abs().max() > 1e-3
+            x0 = (x - schedule.sigma(t).view(-1, 1, 1, 1) * eps) / schedule.alpha(t).view(-1, 1, 1, 1)
+            distance = (x0.flatten(1)[:, None] - data[:-16].flatten(1)[None]).abs().amax(-1).amin(-1)
+            assert float(distance.max()) < 1e-9
+    _, x, eps, gamma = validation_call
+    torch.testing.assert_close(eps, mixture(x, schedule.t_from_gamma(gamma)))
+
+
+def test_an_unknown_head_eps_is_named():
+    with pytest.raises(ValueError, match="head_eps"):
+        distill(small_mixture(), small_head(), torch.zeros(100, 2), steps=1, head_eps="truth", progress=False)
+
+
 def test_a_briefly_distilled_head_beats_ddim():
     """About 20 s: GENIE with the head has a lower RMSE than DDIM at NFE 5 (AFS, 6 steps)."""
     mixture = gk.image_mixture((1, 4, 4), components=3, seed=0)
@@ -317,7 +367,7 @@ def test_cli_distill_help_documents_every_option():
     assert proc.returncode == 0, proc.stderr
     for option in ("--model", "--data", "--out", "--resume", "--head", "--nf", "--blocks", "--groups", "--hidden",
                    "--layers", "--steps", "--batch-size", "--lr", "--lr-schedule", "--grad-clip", "--t-eps", "--ema", "--seed",
-                   "--checkpoint-every", "--validate-every", "--val-size", "--val-buckets", "--dtype", "--device"):
+                   "--head-eps", "--checkpoint-every", "--validate-every", "--val-size", "--val-buckets", "--dtype", "--device"):
         assert option in proc.stdout, option
     assert "torchrun" in proc.stdout
 
@@ -335,6 +385,20 @@ def test_cli_distill_runs_resumes_and_refuses_an_existing_output(tmp_path, capsy
     assert main(base + ["--steps", "3", "--resume"]) == 0
     assert read_config(out)["step"] == 3
     assert load_head(out, model=gk.toy_2d()).dim == 2
+
+
+def test_cli_distill_records_the_published_recipe_options(tmp_path):
+    """--head-eps noise and --lr-schedule linear reach the run's configuration, so that a
+    resume with other options is refused as another run."""
+    from genie_kernels.cli import main
+
+    out = tmp_path / "toy.safetensors"
+    base = ["distill", "--model", "toy2d", "--out", str(out), "--hidden", "16", "--layers", "1", "--batch-size", "8",
+            "--val-size", "0", "--no-progress", "--steps", "2"]
+    assert main(base + ["--head-eps", "noise", "--lr-schedule", "linear"]) == 0
+    training = read_config(out)["training"]
+    assert training["head_eps"] == "noise" and training["lr_schedule"] == "linear" and training["steps"] == 2
+    assert main(base + ["--resume", "--lr-schedule", "linear"]) == 2  # head_eps model: another run
 
 
 @pytest.mark.parametrize("out, message", [("head.pt", "must end in .safetensors"),
@@ -391,7 +455,7 @@ def test_weighted_loss_is_the_batch_mean_of_gamma_squared_times_the_pixel_sum_of
 def test_noisy_batch_draws_t_in_its_interval_and_mixes_x0_and_noise_by_alpha_and_sigma():
     schedule = gk.LinearVPSchedule()
     x0 = torch.linspace(-1, 1, 64 * 4, dtype=torch.float64).reshape(64, 1, 2, 2)
-    x_t, gamma = noisy_batch(lambda n, gen: x0[:n], torch.Generator().manual_seed(0), 64, schedule, 0.2, 0.4)
+    x_t, gamma, noise, _ = noisy_batch(lambda n, gen: x0[:n], torch.Generator().manual_seed(0), 64, schedule, 0.2, 0.4)
     t = schedule.t_from_gamma(gamma)
     assert 0.2 - 1e-12 <= float(t.min()) and float(t.max()) <= 0.4 + 1e-12 and float(t.max() - t.min()) > 0.15
     gen = torch.Generator().manual_seed(0)  # the same draws by hand: t first, then z
@@ -400,6 +464,7 @@ def test_noisy_batch_draws_t_in_its_interval_and_mixes_x0_and_noise_by_alpha_and
     t_hand = (0.2 + 0.2 * u).view(-1, 1, 1, 1)
     torch.testing.assert_close(t, t_hand.flatten(), rtol=0, atol=1e-12)  # only the γ -> t round trip rounds
     torch.testing.assert_close(x_t, schedule.alpha(t_hand) * x0 + schedule.sigma(t_hand) * z, rtol=0, atol=1e-12)
+    assert torch.equal(noise, z)
 
 
 def test_relative_errors_are_the_l2_norm_of_the_error_over_that_of_the_target():
@@ -439,8 +504,8 @@ def test_a_batch_that_the_processes_cannot_share_evenly_is_refused():
                     checkpoint_every=0, validate_every=0, val_size=0, val_buckets=1, out=None, resume=False, world=3,
                     time_limit=None)
     with pytest.raises(ValueError, match="batch_size 8 must be divisible by the number of processes 3"):
-        _check_settings(**settings)
-    _check_settings(**dict(settings, world=2))
+        check_settings(**settings)
+    check_settings(**dict(settings, world=2))
 
 
 def test_an_output_path_without_the_safetensors_suffix_is_refused_before_training(tmp_path):
@@ -552,12 +617,11 @@ def test_a_numpy_learning_rate_is_taken_and_a_bad_one_named():
     """Issue 22 item 10: lr=np.float32(1e-3) was refused."""
     import numpy as np
 
-    from genie_kernels.heads.distill import _check_settings
 
     settings = dict(steps=1, batch_size=8, lr=np.float32(1e-3), lr_schedule="constant", grad_clip=1.0, t_eps=1e-3,
                     ema_decay=0.0, checkpoint_every=0, validate_every=0, val_size=0, val_buckets=1, out=None,
                     resume=False, world=1, time_limit=None)
-    _check_settings(**settings)
+    check_settings(**settings)
     for bad, error in ((math.nan, ValueError), (-1.0, ValueError), ("1e-3", TypeError), (True, TypeError)):
         with pytest.raises(error, match="lr must be a"):
-            _check_settings(**dict(settings, lr=bad))
+            check_settings(**dict(settings, lr=bad))
