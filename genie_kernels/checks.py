@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import math
 import numbers
 
@@ -92,3 +94,30 @@ def check_noise(noise, finite: bool = True) -> None:
         raise ValueError(f"noise must be shaped (batch, ...) with batch >= 1, got shape {tuple(noise.shape)}")
     if finite and not torch.isfinite(noise).all():
         raise ValueError("noise contains NaN or inf")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocator's failure: CUDA's ``torch.OutOfMemoryError`` or the CPU
+    allocator's RuntimeError ("can't allocate memory")."""
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
+def names_out_of_memory(sampler):
+    """Decorate a sampling entry point ``sampler(model, noise, ...)`` so that an allocator
+    failure inside it says which batch did not fit and what to do, as a
+    ``torch.OutOfMemoryError`` (a RuntimeError, so existing handlers still catch it)."""
+    @functools.wraps(sampler)
+    def wrapper(model, noise, *args, **kwargs):
+        try:
+            return sampler(model, noise, *args, **kwargs)
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            shape = tuple(noise.shape) if isinstance(noise, torch.Tensor) else "?"
+            where = noise.device if isinstance(noise, torch.Tensor) else "its device"
+            raise torch.OutOfMemoryError(
+                f"{sampler.__name__}: out of memory on {where} while sampling a batch of noise shaped {shape}; "
+                f"sample it in smaller batches (noise.split(n)) or on a device with more memory "
+                f"(allocator: {str(err).splitlines()[0][:160]})") from err
+    return wrapper

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_bool, check_noise
+from .checks import check_bool, check_noise, names_out_of_memory
 from .fast.sampler import check_fused_solver, fused_supports
 from .ode import solvers
 from .ode.guidance import check_guidance_options, guided_models
@@ -48,6 +48,7 @@ def resolve_backend(backend: str, solver: str, head, noise: Tensor, conditioned:
     return backend
 
 
+@names_out_of_memory
 def sample(
     model,
     noise: Tensor,

@@ -129,3 +129,30 @@ def test_an_image_the_unet_cannot_halve_is_named_before_its_layers():
                                          r"times\), got 7×7; it was trained at 8×8"):
         model(torch.zeros(1, 1, 7, 7), torch.ones(1))
     assert model(torch.zeros(1, 1, 12, 12), torch.ones(1)).shape == (1, 1, 12, 12)
+
+
+def test_sample_names_a_batch_that_does_not_fit_in_memory():
+    """An allocator failure inside the network says which batch did not fit and what to do,
+    and stays a RuntimeError (torch.OutOfMemoryError) for handlers that catch those."""
+    def greedy(x, t):
+        torch.empty(2 ** 61, dtype=torch.uint8)  # more than any machine has
+        return x
+
+    with pytest.raises(torch.OutOfMemoryError, match=r"batch of noise shaped \(3, 2\).*smaller batches"):
+        gk.sample(greedy, torch.zeros(3, 2), 2, solver="ddim")
+
+
+def test_sample_lets_other_runtime_errors_through_unchanged():
+    def broken(x, t):
+        raise RuntimeError("a bug in the user's network")
+
+    with pytest.raises(RuntimeError, match="^a bug in the user's network$"):
+        gk.sample(broken, torch.zeros(3, 2), 2, solver="ddim")
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 64, 1.5, "0"])
+def test_distill_names_a_seed_the_generator_cannot_take(seed):
+    mixture = gk.GaussianMixture([1.0], [[0.0, 1.0]], [1.0])
+    head = gk.MLPHead(2, hidden=8, num_layers=1)
+    with pytest.raises((ValueError, TypeError), match="seed"):
+        gk.distill(mixture, head, mixture, steps=1, seed=seed, progress=False)

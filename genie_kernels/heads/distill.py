@@ -162,7 +162,7 @@ def distill(
     check_settings(steps=steps, batch_size=batch_size, lr=lr, lr_schedule=lr_schedule, grad_clip=grad_clip,
                     t_eps=t_eps, ema_decay=ema_decay, checkpoint_every=checkpoint_every, validate_every=validate_every,
                     val_size=val_size, val_buckets=val_buckets, out=out, resume=resume, world=world,
-                    time_limit=time_limit, head_eps=head_eps)
+                    time_limit=time_limit, head_eps=head_eps, seed=seed)
     if not isinstance(head, nn.Module) or not hasattr(head, "config"):
         raise TypeError(f"head must be a head module with config(), got {type(head).__name__}")
     model = as_model(model)

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint import CheckpointError, read_config, unwritable_reason
-from ..checks import check_int, check_number
+from ..checks import check_int, check_number, check_seed
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 HEAD_EPS = ("model", "noise")
@@ -37,12 +37,14 @@ def learning_rate(lr: float, lr_schedule: str, step: int, steps: int) -> float:
 
 
 def check_settings(*, steps, batch_size, lr, lr_schedule, grad_clip, t_eps, ema_decay, checkpoint_every,
-                   validate_every, val_size, val_buckets, out, resume, world, time_limit, head_eps="model") -> None:
+                   validate_every, val_size, val_buckets, out, resume, world, time_limit, head_eps="model",
+                   seed=0) -> None:
     """Raise a ValueError naming the first bad setting of :func:`~genie_kernels.heads.distill.distill`."""
     for name, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1), ("checkpoint_every", checkpoint_every, 0),
                              ("validate_every", validate_every, 0), ("val_size", val_size, 0),
                              ("val_buckets", val_buckets, 1)):
         check_int(name, value, low)
+    check_seed("seed", seed)
     check_number("lr", lr, above=0.0)  # a numpy float too: it is stored as float(lr)
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose one of {LR_SCHEDULES}")
