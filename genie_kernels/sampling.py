@@ -15,16 +15,12 @@ from .ode.solvers import check_model_and_head
 BACKENDS = ("auto", "reference", "triton", "cpp", "cuda_graph")
 
 
-def resolve_backend(backend: str, solver: str, head, noise: Tensor, conditioned: bool = False) -> str:
-    """The backend that will run; raises when the one asked for cannot run here.  With a
-    condition (``conditioned``) only the reference runs, and ``auto`` picks it."""
+def resolve_backend(backend: str, solver: str, head, noise: Tensor) -> str:
+    """The backend that will run; raises when the one asked for cannot run here."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-    if backend == "reference" or (backend == "auto" and conditioned):
+    if backend == "reference":
         return "reference"
-    if conditioned:
-        raise ValueError(f"backend={backend!r} does not run conditional or guided sampling yet (cond=, "
-                         "guidance_scale=); use backend='reference'")
     from .fast import triton_status
 
     if backend == "auto":
@@ -98,8 +94,8 @@ def sample(
             unconditional.
         guidance_scale: classifier-free guidance w: ``ε = ε_u + w (ε_c − ε_u)`` (1: the
             conditional model, 0: the unconditional one); both halves go through the network
-            in one call of batch 2B, counted as one network call.  Only the reference backend
-            runs conditional sampling.
+            in one call of batch 2B, counted as one network call.  Every backend runs it
+            (``cuda_graph`` replays one graph for new conditions of the same shape).
         uncond: the null condition for guidance; None: the model's own (the bundled UNet's
             null label; an adapter's ``null_cond``).
         guidance_interval: ``(t_lo, t_hi)``: apply the scale only for ``t_lo ≤ t ≤ t_hi``
@@ -136,7 +132,7 @@ def sample(
     if guidance is not None:
         extra["guidance"] = guidance
     with torch.no_grad():  # forward-mode AD (genie_exact) works without autograd
-        chosen = resolve_backend(backend, solver, head, noise, guidance is not None)
+        chosen = resolve_backend(backend, solver, head, noise)
         if check_finite and chosen != "cuda_graph":
             callback = _finite_checking(callback)
         if chosen == "cuda_graph":
@@ -145,12 +141,13 @@ def sample(
             from .fast.graph import graph_solve
 
             out = solvers.SolverOutput(*graph_solve(solver, model, noise, steps, schedule, head, t_end=t_end,
-                                                    striding=striding, afs=afs, denoise=denoise))
+                                                    striding=striding, afs=afs, denoise=denoise, guidance=guidance))
         elif chosen in ("triton", "cpp"):
             from .fast.sampler import fused_solve
 
             out = fused_solve(chosen, solver, model, noise, ts, schedule, head, afs=afs, denoise=denoise,
-                              callback=callback)
+                              callback=callback,
+                              guidance=None if guidance is None else guided_models(model, guidance, noise))
         else:
             out = solvers.SOLVERS[solver](model, noise, ts, schedule, **extra, afs=afs, denoise=denoise, callback=callback)
     if check_finite and not torch.isfinite(out.sample).all():

@@ -105,7 +105,7 @@ def run_model(args, device: torch.device) -> int:
     check_memory(batch, model.in_channels * model.image_size ** 2, dtype)
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(batch, model.in_channels, model.image_size, model.image_size, generator=gen).to(device, dtype)
-    if resolve_backend(args.backend, args.solver, head, noise, labels is not None) == "cpp":  # refuses one that cannot run
+    if resolve_backend(args.backend, args.solver, head, noise) == "cpp":  # refuses one that cannot run
         from ..fast.ext import ExtensionUnavailable, load
 
         try:

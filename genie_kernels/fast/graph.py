@@ -7,10 +7,13 @@ step) once under ``torch.cuda.graph`` and afterwards replays the recorded graph:
 launch per sample call, no Python per step and no host sync inside the replay.
 
 A graph is fixed to its inputs' addresses, so the sampler owns static buffers: each call
-copies the new noise into the input buffer, replays, and returns a clone of the output
-buffer.  The graph is keyed by (shape, dtype, device) of the noise; a call with another
-key captures a new graph (and frees the old one).  Solver, steps, schedule, grid, AFS
-and denoising are fixed at construction.
+copies the new noise (and condition) into the input buffers, replays, and returns a clone
+of the output buffer.  The graph is keyed by (shape, dtype, device) of the noise and of
+the condition; a call with another key captures a new graph (and frees the old one).
+Solver, steps, schedule, grid, AFS, denoising and the guidance scale and interval are
+fixed at construction; the condition is an input: new labels or embeddings of the same
+shape replay the same graph (classifier-free guidance: both halves in one call of batch
+2B inside the graph, see :mod:`genie_kernels.ode.guidance`).
 
 Why the runner is Python over the C++ op, not C++: the network is the user's
 ``nn.Module``, whose forward is Python; capturing it means running that Python once
@@ -36,11 +39,12 @@ import torch
 from torch import Tensor
 
 from ..checks import check_noise
+from ..ode.guidance import Guidance, check_scale_and_interval, guided_models
 from ..ode.protocol import EpsModel, ModelOutput, as_model
 from ..ode.schedules import (DEFAULT_STRIDING, SCHEDULE_MISMATCH, VPSchedule, check_steps, check_t_end, config_or_none,
                              schedule_of, time_grid)
 from ..ode.solvers import check_model_and_head
-from .sampler import DeviceGrid, check_fused_solver, device_grid, eager_head_k, fused_loop
+from .sampler import DeviceGrid, check_fused_solver, device_grid, eager_head_k, fused_loop, step_models
 
 UPDATES = ("auto", "cpp", "triton", "reference")
 # The eager warm-up before capture runs the loop's first steps only: they already launch every
@@ -91,15 +95,26 @@ def _resolve_head_k():
 
 
 class _CompiledModel(EpsModel):
-    """``model`` with its forward compiled by ``torch.compile``; the user's object is untouched."""
+    """``model`` with its forward compiled by ``torch.compile``; the user's object is untouched.
+    Its conditions are the model's (:meth:`check_cond`, :meth:`null_cond` delegate)."""
 
     def __init__(self, model: EpsModel):
         super().__init__()
         self.inner = model
         self._forward = torch.compile(model.forward_features, dynamic=False)
 
-    def forward_features(self, x: Tensor, t: Tensor) -> ModelOutput:
-        return self._forward(x, t)
+    @property
+    def conditional(self) -> bool:
+        return self.inner.conditional
+
+    def check_cond(self, cond, batch: int, device) -> Tensor:
+        return self.inner.check_cond(cond, batch, device)
+
+    def null_cond(self, batch: int, device) -> Tensor:
+        return self.inner.null_cond(batch, device)
+
+    def forward_features(self, x: Tensor, t: Tensor, cond=None) -> ModelOutput:
+        return self._forward(x, t) if cond is None else self._forward(x, t, cond)
 
 
 class GenieSampler:
@@ -117,8 +132,11 @@ class GenieSampler:
         update: ``"auto"`` (the C++ op where built, else Triton), ``"cpp"``, ``"triton"``
             or ``"reference"``.
         check_finite: refuse noise with NaN/inf (one host sync before the replay).
+        guidance_scale, guidance_interval: classifier-free guidance for a conditional model,
+            as in :func:`genie_kernels.sample`; the condition comes with each call.
 
-    Call it with noise shaped ``(B, ...)`` on the model's device; it returns a new tensor.
+    Call it with noise shaped ``(B, ...)`` on the model's device, and for a conditional
+    model ``cond=`` (and optionally ``uncond=``, kept for later calls); it returns a new tensor.
     ``capture_seconds`` is the time the last capture took, ``warmup_seconds`` the part of it
     spent in the eager warm-up (the loop's first :data:`WARMUP_STEPS` steps: kernel
     compilation, cuDNN plans, lazy CUDA set-up), and ``nfe`` the loop's network evaluations.
@@ -126,8 +144,10 @@ class GenieSampler:
 
     def __init__(self, model, steps: int, *, solver: str = "genie", head=None, schedule: VPSchedule | None = None,
                  t_end: float = 1e-3, striding: str = DEFAULT_STRIDING, afs: bool = False, denoise: bool = False,
-                 compile_model: bool = False, update: str = "auto", check_finite: bool = True):
+                 compile_model: bool = False, update: str = "auto", check_finite: bool = True,
+                 guidance_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None):
         check_steps(steps)
+        check_scale_and_interval(guidance_scale, guidance_interval)
         check_t_end(t_end)
         check_model_and_head(model, solver, head)
         check_fused_solver(solver, head, "GenieSampler", instead="gk.sample(..., backend='reference')")
@@ -140,6 +160,8 @@ class GenieSampler:
         self.update = _resolve_update(update)
         self.head_k = _resolve_head_k()
         self.check_finite = check_finite
+        self.guidance_scale, self.guidance_interval = float(guidance_scale), guidance_interval
+        self._guided = self._models = None
         self.key = None
         self.nfe = float("nan")
         self.capture_seconds = self.warmup_seconds = float("nan")
@@ -147,14 +169,20 @@ class GenieSampler:
 
     def _loop(self, noise: Tensor, grid: DeviceGrid):
         return fused_loop(self.solver, self.model, noise, grid, self.head, update=self.update,
-                          head_k=self.head_k, afs=self.afs, denoise=self.denoise)
+                          head_k=self.head_k, afs=self.afs, denoise=self.denoise, models=self._models)
 
-    def capture(self, noise: Tensor) -> None:
-        """Record the loop for noise of this shape, dtype and device (called by ``__call__``)."""
+    def capture(self, noise: Tensor, cond=None, uncond=None) -> None:
+        """Record the loop for noise (and condition) of this shape, dtype and device (called by
+        ``__call__``)."""
         if not noise.is_cuda:
             raise ValueError(f"GenieSampler captures CUDA graphs; the noise is on {noise.device}")
         self._graph = self._out = None  # frees the previous graph's memory pool before the new capture
         start = time.perf_counter()
+        self._guided = self._models = None
+        if cond is not None:  # the guided models own the condition buffers the graph reads
+            guidance = Guidance(cond, self.guidance_scale, uncond, self.guidance_interval)
+            self._guided = guided_models(self.model, guidance, noise)
+            self._models = step_models(self._guided, self.ts)
         self._noise = noise.detach().clone()
         self._grid = grid = device_grid(self.ts, self.schedule, noise)  # the graph reads it: kept alive
         side = torch.cuda.Stream(noise.device)
@@ -177,13 +205,24 @@ class GenieSampler:
                 f"'reference' for this model. CUDA said: {str(err).strip().splitlines()[0]}") from err
         torch.cuda.synchronize(noise.device)
         self._graph = graph
-        self.key = (tuple(noise.shape), noise.dtype, noise.device)
+        self.key = self._key(noise, cond, uncond)
         self.capture_seconds = time.perf_counter() - start
 
-    def __call__(self, noise: Tensor) -> Tensor:
+    @staticmethod
+    def _key(noise: Tensor, cond, uncond) -> tuple:
+        def layout(value):
+            return None if not isinstance(value, Tensor) else (tuple(value.shape), value.dtype)
+        return (tuple(noise.shape), noise.dtype, noise.device, layout(cond), uncond is not None and layout(uncond))
+
+    def __call__(self, noise: Tensor, cond=None, uncond=None) -> Tensor:
         check_noise(noise, finite=self.check_finite)
-        if (tuple(noise.shape), noise.dtype, noise.device) != self.key:
-            self.capture(noise)
+        if cond is None and (uncond is not None or self.guidance_scale != 1.0 or self.guidance_interval is not None):
+            raise ValueError("this GenieSampler guides (guidance_scale, guidance_interval or uncond): call it with cond=...")
+        key = self._key(noise, cond, uncond)
+        if key != self.key and not (self.key is not None and uncond is None and key[:4] == self.key[:4]):
+            self.capture(noise, cond, uncond)
+        elif cond is not None:
+            self._guided.set_condition(cond, uncond)  # a null condition not given again stays as it was
         self._noise.copy_(noise)
         self._graph.replay()
         return self._out.clone()
@@ -207,24 +246,29 @@ def _schedule_key(schedule: VPSchedule) -> tuple:
 
 
 def graph_solve(solver: str, model, noise: Tensor, steps: int, schedule: VPSchedule, head, *, t_end: float,
-                striding: str, afs: bool, denoise: bool) -> tuple[Tensor, float]:
-    """``sample(..., backend="cuda_graph")``: a cached :class:`GenieSampler` per model and settings.
+                striding: str, afs: bool, denoise: bool, guidance: Guidance | None = None) -> tuple[Tensor, float]:
+    """``sample(..., backend="cuda_graph")``: a cached :class:`GenieSampler` per model and settings
+    (for guidance, per scale and interval; the condition is copied into the captured graph's buffer).
 
     The cache keeps the last :data:`CACHE_SIZE` samplers (least recently used out first);
     its entries refer to their model and head, so :func:`clear_cache` frees them.
     """
-    key = (id(model), id(head), solver, steps, _schedule_key(schedule), t_end, striding, afs, denoise)
+    scale, interval = (1.0, None) if guidance is None else (guidance.scale, guidance.interval)
+    key = (id(model), id(head), solver, steps, _schedule_key(schedule), t_end, striding, afs, denoise, scale, interval)
     sampler = _SAMPLERS.pop(key, None)
     if sampler is None:
         with warnings.catch_warnings():  # sample() has warned about a schedule that is not the model's
             warnings.filterwarnings("ignore", message=".*" + SCHEDULE_MISMATCH)
             sampler = GenieSampler(model, steps, solver=solver, head=head, schedule=schedule, t_end=t_end,
-                                   striding=striding, afs=afs, denoise=denoise, check_finite=False)
+                                   striding=striding, afs=afs, denoise=denoise, check_finite=False,
+                                   guidance_scale=scale, guidance_interval=interval)
         sampler.source = model  # keeps id(model) from being reused while the entry lives
     _SAMPLERS[key] = sampler
     while len(_SAMPLERS) > CACHE_SIZE:
         _SAMPLERS.popitem(last=False)
-    return sampler(noise), sampler.nfe
+    if guidance is None:
+        return sampler(noise), sampler.nfe
+    return sampler(noise, guidance.cond, guidance.uncond), sampler.nfe
 
 
 def cuda_graph_status() -> tuple[bool, str]:

@@ -10,16 +10,24 @@ float64 noise) whatever the network's dtype.
 The update and the head are parameters: the Triton op with the fused head
 (``backend="triton"``), the C++ op of :mod:`genie_kernels.fast.ext` (``backend="cpp"``), or
 either inside the graph runner.
+
+Guidance (:mod:`genie_kernels.ode.guidance`): each step calls the step's
+:class:`~genie_kernels.ode.guidance.GuidedModel` (both halves in one call of batch 2B
+inside the guidance interval, the conditional model outside it), combines
+``ε_u + w (ε_c − ε_u)`` and, for GENIE, ``k_u + w (k_c − k_u)`` from one head call of batch
+2B, and hands the guided pair to the same fused update.  Which model each step calls is
+decided on the host from the grid, before the loop, so the loop stays capturable.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from ..heads.conv import ConvHead
+from ..ode.guidance import GuidedCall, GuidedModel, GuidedModels, guided_derivative
 from ..ode.protocol import EpsModel, as_model, checked_call, state_dtype
 from ..ode.schedules import VPSchedule
 from ..ode.solvers import Callback, SolverOutput, analytic_eps
@@ -62,28 +70,49 @@ def eager_head_k(head: ConvHead, x: Tensor, out, gamma: Tensor) -> Tensor:
     return head.predict_k(x, out, gamma)
 
 
+def step_models(guidance: GuidedModels, ts: Tensor) -> list[GuidedModel]:
+    """The model each grid point calls under ``guidance``: guided inside its interval,
+    conditional outside (decided on the host, once)."""
+    return [guidance.at(float(t)) for t in ts]
+
+
+def _call(model, x: Tensor, t: Tensor) -> GuidedCall:
+    """One network call as a :class:`GuidedCall` (the plain output for an unguided model)."""
+    if isinstance(model, GuidedModel):
+        return model.call(x, t)
+    out = checked_call(model, x, t)
+    return GuidedCall(out.eps, out, None)
+
+
 def fused_loop(
     solver: str, model: EpsModel, noise: Tensor, grid: DeviceGrid, head, *, update: Update, head_k: HeadK,
     afs: bool = False, denoise: bool = False, ts: Tensor | None = None, callback: Callback = None,
+    models: Sequence[EpsModel] | None = None,
 ) -> SolverOutput:
     """Run the solver loop with the given ``update`` and ``head_k``; no host syncs.
 
-    ``ts`` (the host copy of the grid) is only needed for the callback's ``"t"``.
+    ``ts`` (the host copy of the grid) is only needed for the callback's ``"t"``.  ``models``
+    (one per grid point, :func:`step_models`) replaces ``model`` for guided sampling.
     """
     gammas, times = grid
     batch, steps = noise.shape[0], gammas.numel() - 1
     wide = state_dtype(noise.dtype)
     xbar = (noise.to(wide) * torch.sqrt(1.0 + gammas[0] ** 2).to(wide)).contiguous()
     x, eps_prev, nfe = noise.contiguous(), None, 0.0
+
+    def head_at(x_in: Tensor, out, gamma: Tensor) -> Tensor:
+        return head_k(head, x_in, out, gamma)
+
     for n in range(steps):
         aux, mode = None, "ddim"
         if afs and n == 0:
             eps = analytic_eps(x, gammas[0]).contiguous()
         else:
-            out = checked_call(model, x, times[n].expand(batch))
-            eps, nfe = out.eps.contiguous(), nfe + 1
+            call = _call(model if models is None else models[n], x, times[n].expand(batch))
+            eps, nfe = call.eps.contiguous(), nfe + 1
             if solver == "genie":
-                aux, mode = head_k(head, x, out, gammas[n].expand(batch)).to(eps.dtype).contiguous(), "genie"
+                k = guided_derivative(head_at, x, call, gammas[n].expand(batch))
+                aux, mode = k.to(eps.dtype).contiguous(), "genie"
         if solver == "ab2" and eps_prev is not None:
             aux, mode = eps_prev, "ab2"
         xbar, x = update(xbar, eps, gammas, n, mode, aux)
@@ -91,7 +120,7 @@ def fused_loop(
         if callback is not None:
             callback({"i": n, "t": float(ts[n + 1]), "x": x, "eps": eps})
     if denoise:
-        eps = checked_call(model, x, times[steps].expand(batch)).eps
+        eps = _call(model if models is None else models[steps], x, times[steps].expand(batch)).eps
         return SolverOutput((xbar - gammas[steps].to(wide) * eps.to(wide)).to(noise.dtype), nfe + 1)
     return SolverOutput(x, nfe)
 
@@ -109,11 +138,13 @@ def _update_and_head(backend: str) -> tuple[Update, HeadK]:
 
 def fused_solve(
     backend: str, solver: str, model, noise: Tensor, ts: Tensor, schedule: VPSchedule, head=None,
-    *, afs: bool = False, denoise: bool = False, callback: Callback = None,
+    *, afs: bool = False, denoise: bool = False, callback: Callback = None, guidance: GuidedModels | None = None,
 ) -> SolverOutput:
     """``backend="triton"`` (the Triton update and the Triton-fused head) or ``"cpp"`` (the
-    C++ update op, CPU or CUDA, and the eager head)."""
+    C++ update op, CPU or CUDA, and the eager head); ``guidance`` from
+    :func:`~genie_kernels.ode.guidance.guided_models`."""
     check_fused_solver(solver, head, f"backend={backend!r}")
     update, head_k = _update_and_head(backend)
+    models = None if guidance is None else step_models(guidance, ts)
     return fused_loop(solver, as_model(model), noise, device_grid(ts, schedule, noise), head,
-                      update=update, head_k=head_k, afs=afs, denoise=denoise, ts=ts, callback=callback)
+                      update=update, head_k=head_k, afs=afs, denoise=denoise, ts=ts, callback=callback, models=models)

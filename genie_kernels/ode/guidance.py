@@ -52,11 +52,8 @@ class Guidance(NamedTuple):
         return self.interval is None or self.interval[0] <= t <= self.interval[1]
 
 
-def check_guidance_options(cond, guidance_scale, uncond, guidance_interval) -> Optional[Guidance]:
-    """``sample()``'s condition options as a :class:`Guidance` (None when there is no condition).
-
-    Guidance options without a condition, a scale that is not a finite number and an
-    interval that is not ``0 ≤ t_lo < t_hi ≤ 1`` raise before any work."""
+def check_scale_and_interval(guidance_scale, guidance_interval) -> tuple[float, Optional[tuple[float, float]]]:
+    """A finite scale and an interval ``0 ≤ t_lo < t_hi ≤ 1`` (or None), as floats."""
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale):
         raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     if guidance_interval is not None:
@@ -67,6 +64,15 @@ def check_guidance_options(cond, guidance_scale, uncond, guidance_interval) -> O
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"guidance_interval must satisfy 0 <= t_lo < t_hi <= 1, got {guidance_interval!r}")
         guidance_interval = (lo, hi)
+    return float(guidance_scale), guidance_interval
+
+
+def check_guidance_options(cond, guidance_scale, uncond, guidance_interval) -> Optional[Guidance]:
+    """``sample()``'s condition options as a :class:`Guidance` (None when there is no condition).
+
+    Guidance options without a condition, a scale that is not a finite number and an
+    interval that is not ``0 ≤ t_lo < t_hi ≤ 1`` raise before any work."""
+    guidance_scale, guidance_interval = check_scale_and_interval(guidance_scale, guidance_interval)
     if cond is None:
         given = [name for name, unset in (("guidance_scale", guidance_scale == 1.0), ("uncond", uncond is None),
                                           ("guidance_interval", guidance_interval is None)) if not unset]
@@ -113,7 +119,8 @@ class GuidedModel(EpsModel):
         self.model = model
         self.batch = batch
         self.scale = float(scale)
-        self.cond = model.check_cond(cond, batch, device)
+        # its own contiguous copy: set_condition writes into it, never into the caller's tensor
+        self.cond = torch.clone(model.check_cond(cond, batch, device), memory_format=torch.contiguous_format)
         if self.scale == 1.0:
             self.pair = None
         else:
@@ -125,6 +132,23 @@ class GuidedModel(EpsModel):
         self.prepares_jvp = model.prepares_jvp
         if hasattr(model, "schedule"):
             self.schedule = model.schedule
+
+    def set_condition(self, cond, uncond=None) -> None:
+        """Copy a new condition (and, if given, null condition) into this model's buffers in
+        place, so that a captured CUDA graph that reads them samples for it; the shapes and
+        dtypes must be those the model was built with."""
+        new = self.model.check_cond(cond, self.batch, self.cond.device)
+        if new.shape != self.cond.shape or new.dtype != self.cond.dtype:
+            raise ValueError(f"the new condition is {tuple(new.shape)} {new.dtype}, but this model was built for "
+                             f"{tuple(self.cond.shape)} {self.cond.dtype}")
+        self.cond.copy_(new)
+        if self.pair is not None:
+            self.pair[: self.batch].copy_(new)
+            if uncond is not None:
+                null = self.model.check_cond(uncond, self.batch, self.cond.device)
+                if null.shape != self.cond.shape:
+                    raise ValueError(f"uncond must be shaped like cond {tuple(self.cond.shape)}, got {tuple(null.shape)}")
+                self.pair[self.batch:].copy_(null)
 
     def call(self, x: Tensor, t: Tensor) -> GuidedCall:
         if x.shape[0] != self.batch:
@@ -161,6 +185,12 @@ class GuidedModels(NamedTuple):
 
     def at(self, t: float) -> GuidedModel:
         return self.guided if self.guidance.active(t) else self.conditional
+
+    def set_condition(self, cond, uncond=None) -> None:
+        """:meth:`GuidedModel.set_condition` on both models."""
+        self.guided.set_condition(cond, uncond)
+        if self.conditional is not self.guided:
+            self.conditional.set_condition(cond)
 
 
 def guided_models(model, guidance: Guidance, noise: Tensor) -> GuidedModels:

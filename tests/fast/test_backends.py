@@ -283,3 +283,32 @@ def test_cuda_graph_sampling_keys_a_schedule_without_config_by_identity(monkeypa
         gk.sample(mix, noise, 3, solver="ddim", schedule=schedule, backend="cuda_graph")
     assert len(graph._SAMPLERS) == 1  # the second call found the first one's sampler
     graph.clear_cache()
+
+
+@needs_cuda
+@pytest.mark.parametrize("solver", ["ddim", "genie"])
+def test_guided_graph_equals_reference_and_new_labels_replay_without_recapture(solver):
+    """Classifier-free guidance inside one graph (both halves in one call of batch 2B); the
+    labels are an input: new ones are copied into the graph's buffer, no new capture."""
+    from genie_kernels.fast.graph import GenieSampler
+
+    torch.manual_seed(0)
+    model = UNet(image_size=8, in_channels=2, channels=8, channel_mults=(1, 2), attn_resolutions=(4,), norm_groups=4,
+                 num_classes=10)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    model = model.cuda().eval()
+    head = random_head(model, "cuda") if solver == "genie" else None
+    options = dict(solver=solver, head=head, afs=True, guidance_scale=3.0, guidance_interval=(0.2, 1.0))
+    sampler = GenieSampler(model, 6, **options)
+    noise = noise_like(3, "cuda")
+    captures = []
+    for labels in ([1, 5, 7], [0, 0, 9]):
+        labels = torch.tensor(labels, device="cuda")
+        got = sampler(noise, cond=labels)
+        captures.append(sampler.capture_seconds)
+        ref = gk.sample(model, noise, 6, cond=labels, backend="reference", **options)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert captures[0] == captures[1]  # the second labels replayed the first capture
+    with pytest.raises(ValueError, match="call it with cond="):
+        sampler(noise)
