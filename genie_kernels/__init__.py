@@ -33,9 +33,9 @@ def __getattr__(name: str):
 
         return GenieScheduler
     if name == "k_diffusion":
-        from . import k_diffusion
+        import importlib
 
-        return k_diffusion
+        return importlib.import_module(".k_diffusion", __name__)
     raise AttributeError(f"module 'genie_kernels' has no attribute {name!r}")
 
 
