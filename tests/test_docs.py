@@ -45,9 +45,9 @@ def test_every_module_path_in_the_readme_resolves():
 
 
 def test_the_readme_has_the_python_examples_these_tests_run():
-    assert len(BLOCKS) == 4
+    assert len(BLOCKS) == 6
     assert "gk.load_pretrained" in BLOCKS[0] and "gk.distill" in BLOCKS[1] and "guidance_scale" in BLOCKS[2]
-    assert "gk.GenieSampler" in BLOCKS[3]
+    assert "gk.GenieScheduler" in BLOCKS[3] and "K.sample_genie" in BLOCKS[4] and "gk.GenieSampler" in BLOCKS[5]
 
 
 def run_block(index: int, names: dict) -> dict:
@@ -107,6 +107,30 @@ def test_the_guidance_example_runs_as_written():
     assert names["x"].shape == (8, 1, 28, 28) and torch.isfinite(names["x"]).all()
 
 
+def test_the_diffusers_example_runs_as_written():
+    """The example with a DDPMPipeline around a small random UNet (no download).  That the
+    pipeline's samples equal gk.sample's is tests/integrations/test_scheduler.py's job."""
+    diffusers = pytest.importorskip("diffusers")
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    names = run_block(3, {"pipe": pipe, "noise": torch.randn(1, 3, 8, 8)})
+    assert names["images"].shape == (1, 8, 8, 3) and names["x"].shape == (1, 3, 8, 8)
+    assert isinstance(pipe.scheduler, gk.GenieScheduler) and pipe.scheduler.config.solver == "genie"
+    assert len(pipe.scheduler.timesteps) == 10
+
+
+def test_the_k_diffusion_example_runs_as_written():
+    torch.manual_seed(0)
+    names = run_block(4, {})
+    assert names["x"].shape == (4, 3, 8, 8) and torch.isfinite(names["x"]).all()
+    torch.testing.assert_close(names["x"], names["same"], atol=1e-10, rtol=1e-10)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GenieSampler example captures a CUDA graph")
 def test_the_cuda_graph_example_runs_as_written():
     """The example with a small diffusers UNet and a head in float16 on the GPU."""
@@ -114,6 +138,6 @@ def test_the_cuda_graph_example_runs_as_written():
     head = gk.ConvHead(3, feature_channels=128, temb_channels=512, nf=64).to("cuda", torch.float16)
     names = {"torch": torch, "gk": gk, "model": model, "head": head,
              "next_noise": torch.randn(1, 3, 32, 32, device="cuda", dtype=torch.float16)}
-    run_block(3, names)
+    run_block(5, names)
     assert names["image"].shape == (1, 3, 32, 32) and torch.isfinite(names["image"]).all()
     assert names["sampler"].key == ((1, 3, 32, 32), torch.float16, names["next_noise"].device)
