@@ -224,9 +224,10 @@ class GenieScheduler(SchedulerMixin, ConfigMixin):
                              f"{getattr(model_output, 'shape', type(model_output).__name__)} and "
                              f"{getattr(sample, 'shape', type(sample).__name__)}")
         n = self._index_of(timestep)
-        if n == 0 or self._rule is None:
+        if n == 0 or self._rule is None:  # a new run, from t = 1 or (image-to-image) from a later timestep
             self._reset()
             self._rule = StepRule(self.config.solver, self._gammas)
+            self._rule.next_step = n  # a multistep history starts here, as sample(timesteps=ts[n:]) starts it
         x, gammas = sample, self._gammas
         t = self._ts[n].to(x.device, x.dtype).expand(x.shape[0])
         eps = eps_at_t(self.config.prediction_type, model_output.to(x.dtype), x, t, self.schedule)

@@ -79,6 +79,7 @@ def test_karras_striding_follows_the_rho_7_formula(mix):
     (dict(timesteps=[0.1, 0.5, 0.9]), "decrease strictly"),
     (dict(timesteps=[999, 999, 10]), "decrease strictly"),
     (dict(timesteps=[1.5, 0.5]), r"in \(0, 1\]"),
+    (dict(timesteps=torch.tensor([999.0, 500.0])), "integer dtype"),
     (dict(timesteps=[0.5]), "at least 2"),
     (dict(steps=4, timesteps=[0.9, 0.1]), "not both"),
     (dict(), "got neither"),

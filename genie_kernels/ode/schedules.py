@@ -239,6 +239,9 @@ def grid_from_timesteps(schedule: VPSchedule, timesteps) -> Tensor:
     if not (values[1:] < values[:-1]).all():
         raise ValueError(f"timesteps must decrease strictly, from noise towards data, got {values.tolist()}")
     if not discrete:
+        if float(values[0]) > 1.0 and bool((values == values.round()).all()):
+            raise ValueError(f"float timesteps are continuous times in (0, 1], got {values.tolist()[:4]}…; give a "
+                             "discrete model's timesteps with an integer dtype (timesteps.long()) or as ints")
         return checked_grid(values)
     if not isinstance(schedule, DiscreteVPSchedule):
         raise ValueError(f"integer timesteps index a discrete model's timesteps, but the schedule is "

@@ -106,6 +106,24 @@ def test_custom_integer_timesteps_equal_sample_with_the_same_timesteps():
     torch.testing.assert_close(x, expected, **TOL)
 
 
+def test_image_to_image_from_a_later_timestep_equals_sample_from_there():
+    """An img2img pipeline's loop: add_noise at timesteps[k], then step from there on."""
+    unet, ddpm = tiny_unet(), diffusers.DDPMScheduler()
+    scheduler = gk.GenieScheduler.from_config(ddpm.config, solver="ab2")
+    scheduler.set_timesteps(8)
+    image, noise = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    start = scheduler.timesteps[3:]
+    x = scheduler.add_noise(image, noise, start[:1])
+    t_start = float(scheduler._ts[3])
+    torch.testing.assert_close(x, gk.noise_to(image, t_start, noise, scheduler.schedule), atol=1e-5, rtol=1e-5)
+    begin = x
+    with torch.no_grad():
+        for t in start:
+            x = scheduler.step(unet(x, t).sample, t, x).prev_sample
+        expected = gk.sample(plain_adapter(unet, ddpm), begin, timesteps=scheduler._ts[3:], solver="ab2")
+    torch.testing.assert_close(x, expected, **TOL)
+
+
 def tiny_text_unet():
     torch.manual_seed(0)
     return diffusers.UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
