@@ -78,7 +78,8 @@ def sample(
     Args:
         model: an ε-function ``eps_fn(x, t)`` (t of shape (B,), continuous in (0, 1]) or an
             :class:`~genie_kernels.ode.protocol.EpsModel` adapter.
-        noise: the starting noise ``x(t=1) ~ N(0, I)``, shaped ``(B, ...)``.
+        noise: the starting noise ``x(t=1) ~ N(0, I)``, shaped ``(B, ...)`` (with ``t_start``
+            or ``timesteps``: the state at the grid's first time).
         steps: number of solver steps (the time grid has ``steps + 1`` points); or give
             ``timesteps`` instead.
         timesteps: the whole time grid instead of ``steps``, ``striding`` and ``t_end``: a
