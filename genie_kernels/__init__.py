@@ -16,12 +16,27 @@ from .ode.derivative import exact_deps_dgamma, jvp_cost
 from .ode.guidance import Guidance, GuidedModel
 from .ode.ground_truth import ground_truth, ode_solution, rmse
 from .ode.protocol import EpsModel, ModelOutput, as_model
-from .ode.schedules import DiscreteVPSchedule, LinearVPSchedule, VPSchedule, time_grid
+from .ode.predictions import PREDICTION_TYPES
+from .ode.schedules import DiscreteVPSchedule, LinearVPSchedule, VPSchedule, noise_to, time_grid
 from .ode.solvers import SolverOutput, ab2, ab3, ddim, genie, genie_exact
 from .sampling import sample
 from .zoo.pretrained import load_pretrained
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``GenieScheduler`` and ``k_diffusion`` are imported on first use: the scheduler needs
+    diffusers, which the rest of the package does not."""
+    if name == "GenieScheduler":
+        from .scheduler import GenieScheduler
+
+        return GenieScheduler
+    if name == "k_diffusion":
+        import importlib
+
+        return importlib.import_module(".k_diffusion", __name__)
+    raise AttributeError(f"module 'genie_kernels' has no attribute {name!r}")
 
 
 def backends() -> dict[str, tuple[bool, str]]:
@@ -48,7 +63,8 @@ __all__ = [
     "GenieSampler", "GraphCaptureError", "ConvHead", "MLPHead", "combine_mixed", "HookedModel", "UNet2DAdapter", "UNet2DConditionAdapter",
     "UNet", "load_unet", "load_pretrained_unet", "load_pretrained",
     "sample", "ddim", "genie", "genie_exact", "ab2", "ab3", "SolverOutput",
-    "LinearVPSchedule", "DiscreteVPSchedule", "VPSchedule", "time_grid",
+    "LinearVPSchedule", "DiscreteVPSchedule", "VPSchedule", "time_grid", "noise_to", "PREDICTION_TYPES",
+    "GenieScheduler",
     "EpsModel", "ModelOutput", "as_model", "Guidance", "GuidedModel", "exact_deps_dgamma", "jvp_cost", "head_cost", "RelativeCost",
     "GaussianMixture", "image_mixture", "toy_2d", "ground_truth", "ode_solution", "rmse",
 ]

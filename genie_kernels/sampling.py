@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import check_bool, check_noise, names_out_of_memory
+from .checks import check_bool, check_noise, check_number, names_out_of_memory
 from .fast.sampler import check_fused_solver, fused_supports
 from .ode import solvers
 from .ode.guidance import check_guidance_options, guided_models
-from .ode.schedules import DEFAULT_STRIDING, STRIDINGS, VPSchedule, check_steps, check_t_end, schedule_of, time_grid
+from .ode.schedules import (DEFAULT_STRIDING, STRIDINGS, VPSchedule, check_steps, check_t_end, grid_from_timesteps,
+                             schedule_of, time_grid)
 from .ode.solvers import check_model_and_head
 
 BACKENDS = ("auto", "reference", "triton", "cpp", "cuda_graph")
+DEFAULT_T_END = 1e-3
 
 
 def resolve_backend(backend: str, solver: str, head, noise: Tensor) -> str:
@@ -48,12 +50,14 @@ def resolve_backend(backend: str, solver: str, head, noise: Tensor) -> str:
 def sample(
     model,
     noise: Tensor,
-    steps: int,
+    steps: int | None = None,
     *,
+    timesteps=None,
+    t_start: float | None = None,
     solver: str = "genie",
     head=None,
     schedule: VPSchedule | None = None,
-    t_end: float = 1e-3,
+    t_end: float = DEFAULT_T_END,
     striding: str = DEFAULT_STRIDING,
     afs: bool = False,
     denoise: bool = False,
@@ -71,15 +75,26 @@ def sample(
     Args:
         model: an ε-function ``eps_fn(x, t)`` (t of shape (B,), continuous in (0, 1]) or an
             :class:`~genie_kernels.ode.protocol.EpsModel` adapter.
-        noise: the starting noise ``x(t=1) ~ N(0, I)``, shaped ``(B, ...)``.
-        steps: number of solver steps (the time grid has ``steps + 1`` points).
+        noise: the starting noise ``x(t=1) ~ N(0, I)``, shaped ``(B, ...)`` (with ``t_start``
+            or ``timesteps``: the state at the grid's first time).
+        steps: number of solver steps (the time grid has ``steps + 1`` points); or give
+            ``timesteps`` instead.
+        timesteps: the whole time grid instead of ``steps``, ``striding`` and ``t_end``: a
+            strictly decreasing sequence of continuous times in (0, 1] (floats), or of a
+            discrete model's integer timesteps ``k`` (an integer tensor or Python ints; the
+            schedule must then be a :class:`DiscreteVPSchedule`, and ``k`` sits at
+            ``t = (k + 1) / N``, so a diffusers scheduler's ``timesteps`` work as they are).
+        t_start: start at this time in (t_end, 1] instead of t = 1: ``noise`` is then the
+            state at ``t_start``, e.g. an image noised by :func:`genie_kernels.noise_to`
+            (image-to-image).  None: t = 1.
         solver: ``"genie"`` (needs ``head``), ``"genie_exact"``, ``"ddim"``, ``"ab2"``, ``"ab3"``.
         head: the distilled derivative head for ``solver="genie"``.
         schedule: noise schedule; ``None`` is ``model.schedule`` where the model has one (the
             diffusers adapter does), else the linear VP schedule (β 0.1 → 20).
         t_end: the final time, in (0, 1).
-        striding: time grid, ``"quadratic"`` (default), ``"logsnr"`` or ``"uniform"``.
-        afs: analytic first step (saves one network call).
+        striding: time grid, ``"quadratic"`` (default), ``"logsnr"``, ``"uniform"`` or
+            ``"karras"`` (Karras et al.'s ρ = 7 noise levels between γ(t_start) and γ(t_end)).
+        afs: analytic first step (saves one network call); only from t = 1.
         denoise: return ``x̂_0 = x̄ − γ_end ε`` after the last step (one more call).
         backend: ``"reference"`` (the pure-PyTorch path); ``"triton"`` (fused Triton
             kernels), ``"cpp"`` (the C++ update op, CPU or CUDA) or ``"cuda_graph"`` (the
@@ -110,8 +125,16 @@ def sample(
         ``(sample, nfe)``.
     """
     check_noise(noise)
-    check_steps(steps)
-    check_t_end(t_end)
+    if (steps is None) == (timesteps is None):
+        raise ValueError("give either steps (with striding, t_end and t_start) or timesteps (the whole grid), "
+                         f"{'not both' if steps is not None else 'got neither'}")
+    if timesteps is None:
+        check_steps(steps)
+        check_t_end(t_end)
+        if t_start is not None:
+            check_number("t_start", t_start)
+    elif t_start is not None or t_end != DEFAULT_T_END or striding != DEFAULT_STRIDING:
+        raise ValueError("timesteps= is the whole time grid: do not also pass t_start, t_end or striding")
     if striding not in STRIDINGS:
         raise ValueError(f"unknown striding {striding!r}; choose one of {STRIDINGS}")
     if callback is not None and not callable(callback):
@@ -122,12 +145,18 @@ def sample(
     guidance = check_guidance_options(cond, guidance_scale, uncond, guidance_interval)
     if guidance is not None:
         guided_models(model, guidance, noise)  # the condition's checks, before any sampling work
+    schedule = schedule_of(model, schedule)
+    if timesteps is None:
+        ts = time_grid(schedule, steps, t_end, striding, 1.0 if t_start is None else t_start)
+    else:
+        ts = grid_from_timesteps(schedule, timesteps)
+        steps, t_end = ts.numel() - 1, float(ts[-1])
     if afs and steps == 1:
         raise ValueError("steps=1 with afs=True makes no network call: the one step is the analytic one, so the "
                          "sample is the data mean scaled by the noise; use steps >= 2 or afs=False")
-
-    schedule = schedule_of(model, schedule)
-    ts = time_grid(schedule, steps, t_end, striding)
+    if afs and float(ts[0]) != 1.0:
+        raise ValueError(f"afs=True takes the first step with the ε of pure noise, which holds at t = 1 only; the "
+                         f"grid starts at t = {float(ts[0]):.6g} (t_start or timesteps): use afs=False")
     extra = {"head": head} if solver == "genie" else {}
     if guidance is not None:
         extra["guidance"] = guidance
@@ -138,6 +167,9 @@ def sample(
         if chosen == "cuda_graph":
             if callback is not None:
                 raise ValueError("backend='cuda_graph' replays the whole loop at once and cannot call a callback")
+            if timesteps is not None or t_start is not None:
+                raise ValueError("backend='cuda_graph' builds its own grid from t = 1; with timesteps= or t_start= "
+                                 "use another backend")
             from .fast.graph import graph_solve
 
             out = solvers.SolverOutput(*graph_solve(solver, model, noise, steps, schedule, head, t_end=t_end,

@@ -47,9 +47,11 @@ def test_every_module_path_in_the_readme_resolves():
 # Each python block of README is found by a string only it contains, and run by one test below.
 EXAMPLES = {
     "usage": "gk.load_pretrained",
-    "own model": "gk.distill",
+    "own model": "gk.UNet2DAdapter(unet, scheduler=ddpm_scheduler)",
     "guidance": "guidance_interval=(0.05, 0.8)",
     "guided graph": "same graph, new labels",
+    "diffusers": "gk.GenieScheduler",
+    "k-diffusion": "K.sample_genie",
     "cuda graph": "sampler = gk.GenieSampler(model, 10, solver=\"genie\", head=head)",
 }
 
@@ -116,6 +118,30 @@ def test_the_guidance_example_runs_as_written():
     run_block("guidance", names)
     assert names["nfe"] == 9
     assert names["x"].shape == (8, 1, 28, 28) and torch.isfinite(names["x"]).all()
+
+
+def test_the_diffusers_example_runs_as_written():
+    """The example with a DDPMPipeline around a small random UNet (no download).  That the
+    pipeline's samples equal gk.sample's is tests/integrations/test_scheduler.py's job."""
+    diffusers = pytest.importorskip("diffusers")
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    names = run_block("diffusers", {"pipe": pipe, "noise": torch.randn(1, 3, 8, 8)})
+    assert names["images"].shape == (1, 8, 8, 3) and names["x"].shape == (1, 3, 8, 8)
+    assert isinstance(pipe.scheduler, gk.GenieScheduler) and pipe.scheduler.config.solver == "genie"
+    assert len(pipe.scheduler.timesteps) == 10
+
+
+def test_the_k_diffusion_example_runs_as_written():
+    torch.manual_seed(0)
+    names = run_block("k-diffusion", {})
+    assert names["x"].shape == (4, 3, 8, 8) and torch.isfinite(names["x"]).all()
+    torch.testing.assert_close(names["x"], names["same"], atol=1e-10, rtol=1e-10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GenieSampler example captures a CUDA graph")

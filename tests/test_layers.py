@@ -30,6 +30,7 @@ LAYERS = (
     ("heads", ("genie_kernels.heads",)),
     ("fast", ("genie_kernels.fast",)),
     ("sampling", ("genie_kernels.sampling",)),
+    ("integrations", ("genie_kernels.scheduler", "genie_kernels.k_diffusion")),
     ("zoo", ("genie_kernels.zoo",)),
     ("api", ("genie_kernels",)),
     ("cli", ("genie_kernels.cli", "genie_kernels.__main__")),

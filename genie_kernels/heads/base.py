@@ -152,3 +152,17 @@ class _HeadBase(nn.Module):
         if self.temb_channels:
             return out.temb.to(self.dtype)
         return self.embed(gamma)
+
+
+def check_head_needs_no_features(head, where: str) -> None:
+    """Refuse a head that reads the network's feature map or time embedding in ``where`` (a
+    diffusers scheduler, a k-diffusion denoiser), which sees only x, ε and γ.  A bundled head
+    qualifies when built with ``feature_channels=0`` (``feature_dim=0`` for an MLP head) and
+    ``temb_channels=0``; any other callable ``head(x, ModelOutput(eps), gamma)`` is taken."""
+    if not callable(head):
+        raise TypeError(f"head must be callable as head(x, ModelOutput(eps), gamma), got {type(head).__name__}")
+    reads = [name for name in ("feature_channels", "feature_dim", "temb_channels") if getattr(head, name, 0)]
+    if reads:
+        raise ValueError(f"this head reads the network's {' and '.join(reads)}, which {where} never sees (only the "
+                         "network's output); sample with gk.sample and the adapter, or use a head built with "
+                         "feature_channels=0 (feature_dim=0) and temb_channels=0")

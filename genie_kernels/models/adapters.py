@@ -17,6 +17,11 @@ reads ``features`` (the network's last feature map before its output layer) and
 * The analytic :class:`~genie_kernels.models.mixture.GaussianMixture` is its own adapter
   (no features, no temb).
 
+A network that predicts v or x₀ (``prediction_type="v_prediction"`` / ``"sample"``) is
+turned into ε exactly, with α_t and σ_t of the adapter's schedule
+(:mod:`genie_kernels.ode.predictions`); the conversion is differentiable in x and t, so
+the exact derivative differentiates the ε it gives.
+
 A conditional network takes its condition as a keyword (``cond_arg``: ``class_labels`` for
 a class-conditional ``UNet2DModel``, ``encoder_hidden_states`` for a
 ``UNet2DConditionModel``); ``forward_features(x, t, cond)`` passes it on, and the
@@ -44,6 +49,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..ode.predictions import check_prediction_type, eps_at_t
 from ..ode.protocol import EpsModel, ModelOutput, broadcast_cond, check_takes_x_and_t
 from ..ode.schedules import DiscreteVPSchedule, VPSchedule, check_schedule
 
@@ -83,6 +89,9 @@ class HookedModel(EpsModel):
             (``network(x, time, **{cond_arg: cond})``); ``None``: an unconditional network.
         null_cond: the condition that means "none" for a conditional network (a label, an
             empty-prompt embedding, of batch 1 or B); used for ``cond=None`` and by guidance.
+        prediction_type: what the network predicts: ``"epsilon"`` (default),
+            ``"v_prediction"`` (``ε = α v + σ x``) or ``"sample"`` (x₀: ``ε = (x − α x₀)/σ``);
+            the latter two need ``schedule``.
     """
 
     prepares_jvp = True  # see jvp_safe
@@ -90,8 +99,12 @@ class HookedModel(EpsModel):
     def __init__(self, network: nn.Module, feature_layer: Optional[str] = None, temb_layer: Optional[str] = None,
                  time_input: Optional[Callable[[Tensor], Tensor]] = None, feature_from: str = "output",
                  jvp_safe: bool = True, schedule: VPSchedule | None = None, cond_arg: Optional[str] = None,
-                 null_cond: Optional[Tensor] = None):
+                 null_cond: Optional[Tensor] = None, prediction_type: str = "epsilon"):
         super().__init__()
+        self.prediction_type = check_prediction_type(prediction_type)
+        if prediction_type != "epsilon" and schedule is None:
+            raise ValueError(f"prediction_type={prediction_type!r} is turned into ε with the network's α_t and σ_t: "
+                             "pass schedule=... (the schedule it was trained with)")
         if cond_arg is not None and not isinstance(cond_arg, str):
             raise TypeError(f"cond_arg must be the name of the network's condition keyword, got {cond_arg!r}")
         if null_cond is not None and (cond_arg is None or not isinstance(null_cond, Tensor)):
@@ -190,7 +203,8 @@ class HookedModel(EpsModel):
                 raise RuntimeError(f"the hooked {key} have batch {value.shape[0]} for x of batch {x.shape[0]}: the network "
                                    "changes the batch inside (a classifier-free guidance wrapper?); wrap the plain "
                                    "network and pass cond=, guidance_scale= to sample() instead")
-        return ModelOutput(_first_tensor(result), captured.get("features"), captured.get("temb"))
+        eps = eps_at_t(self.prediction_type, _first_tensor(result), x, t, getattr(self, "schedule", None))
+        return ModelOutput(eps, captured.get("features"), captured.get("temb"))
 
 
 def ddpm_alphas_cumprod(num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
@@ -200,13 +214,16 @@ def ddpm_alphas_cumprod(num_timesteps: int = 1000, beta_start: float = 1e-4, bet
 
 
 class UNet2DAdapter(HookedModel):
-    """Adapter for a diffusers ``UNet2DModel`` that predicts ε.
+    """Adapter for a diffusers ``UNet2DModel`` (ε-, v- or x₀-prediction).
 
     The schedule that maps continuous t to the UNet's discrete timestep comes from, in
     order: ``scheduler.alphas_cumprod`` (a diffusers scheduler), ``schedule`` (a
     :class:`DiscreteVPSchedule`, or a continuous one discretised into
     ``num_timesteps``), or DDPM's linear betas (1e-4 → 0.02 over ``num_timesteps``).
     Sample with the same schedule: ``sample(adapter, noise, steps, schedule=adapter.schedule)``.
+    What the UNet predicts is ``prediction_type`` if given, else the scheduler's
+    ``config.prediction_type``, else ``"epsilon"``; v and x₀ are turned into ε (see
+    :class:`HookedModel`).
 
     ``features`` is the input of ``conv_out`` (``block_out_channels[0]`` channels at full
     resolution) and ``temb`` the output of ``time_embedding``.
@@ -221,7 +238,7 @@ class UNet2DAdapter(HookedModel):
     cond_kind = "class_labels"
 
     def __init__(self, unet: nn.Module, scheduler=None, schedule: VPSchedule | None = None,
-                 num_timesteps: int = 1000, jvp_safe: bool = True, null_cond=None):
+                 num_timesteps: int = 1000, jvp_safe: bool = True, null_cond=None, prediction_type: str | None = None):
         for attr in ("conv_out", "time_embedding", "config"):
             if not hasattr(unet, attr):
                 raise TypeError(f"expected a diffusers {self._expected}, got {type(unet).__name__} without {attr!r}")
@@ -229,9 +246,11 @@ class UNet2DAdapter(HookedModel):
         if scheduler is not None:
             if not isinstance(getattr(scheduler, "alphas_cumprod", None), Tensor):
                 raise TypeError(f"scheduler must be a diffusers scheduler instance (with alphas_cumprod), got {scheduler!r}")
-            prediction = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
-            if prediction != "epsilon":
-                raise ValueError(f"the scheduler says the model predicts {prediction!r}; GENIE needs an ε-prediction model")
+            told = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+            if prediction_type is not None and prediction_type != told:
+                raise ValueError(f"prediction_type={prediction_type!r} but the scheduler's config says {told!r}; "
+                                 "give one of them")
+            prediction_type = told
             schedule = DiscreteVPSchedule(scheduler.alphas_cumprod)
         elif schedule is None:
             schedule = DiscreteVPSchedule(ddpm_alphas_cumprod(num_timesteps))
@@ -243,7 +262,7 @@ class UNet2DAdapter(HookedModel):
             null_cond = torch.tensor(null_cond)
         super().__init__(unet, feature_layer="conv_out", temb_layer="time_embedding",
                          time_input=schedule.timestep_from_t, feature_from="input", jvp_safe=jvp_safe, schedule=schedule,
-                         cond_arg=cond_arg, null_cond=null_cond)
+                         cond_arg=cond_arg, null_cond=null_cond, prediction_type=prediction_type or "epsilon")
         if null_cond is not None:
             self.check_cond(null_cond, 1, null_cond.device)
 
@@ -295,7 +314,7 @@ class UNet2DAdapter(HookedModel):
 
 
 class UNet2DConditionAdapter(UNet2DAdapter):
-    """Adapter for a diffusers ``UNet2DConditionModel`` (ε-prediction): the condition is
+    """Adapter for a diffusers ``UNet2DConditionModel`` (ε-, v- or x₀-prediction): the condition is
     ``encoder_hidden_states``, text embeddings of shape ``(B or 1, L, cross_attention_dim)``.
 
     The schedule, ``features`` and ``temb`` are as in :class:`UNet2DAdapter`.  The network
@@ -310,8 +329,9 @@ class UNet2DConditionAdapter(UNet2DAdapter):
     _expected = "UNet2DConditionModel"
 
     def __init__(self, unet: nn.Module, scheduler=None, schedule: VPSchedule | None = None,
-                 num_timesteps: int = 1000, jvp_safe: bool = True, null_cond: Optional[Tensor] = None):
-        super().__init__(unet, scheduler, schedule, num_timesteps, jvp_safe, null_cond)
+                 num_timesteps: int = 1000, jvp_safe: bool = True, null_cond: Optional[Tensor] = None,
+                 prediction_type: str | None = None):
+        super().__init__(unet, scheduler, schedule, num_timesteps, jvp_safe, null_cond, prediction_type)
         if jvp_safe:
             from diffusers.models.attention_processor import AttnProcessor
 

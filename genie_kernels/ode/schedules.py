@@ -26,8 +26,9 @@ from torch import Tensor
 
 from ..checks import check_number
 
-Striding = Literal["uniform", "quadratic", "logsnr"]
-STRIDINGS = ("uniform", "quadratic", "logsnr")
+Striding = Literal["uniform", "quadratic", "logsnr", "karras"]
+STRIDINGS = ("uniform", "quadratic", "logsnr", "karras")
+KARRAS_RHO = 7.0  # Karras et al. (2022), eq. 5
 
 # Chosen from bench/accuracy.py's striding table: on the image mixture at 10 steps quadratic
 # striding gives every solver (ddim, ab2, ab3, genie_exact) the lowest RMSE.  On the bundled
@@ -177,6 +178,10 @@ def time_grid(
     ``t_i = (sqrt(t_start) + (sqrt(t_end) − sqrt(t_start))·i/N)²``, dense near ``t_end``: the
     grid of GENIE's official code (``linspace(1, sqrt(t_end), N + 1)²``; at N = 10 its
     second-to-last time is 0.0165).  ``"logsnr"``: equal steps in ``λ = −log γ``.
+    ``"karras"``: the noise levels of Karras et al. (2022) with ρ = 7 between
+    ``σ_max = γ(t_start)`` and ``σ_min = γ(t_end)``,
+    ``γ_i = (σ_max^{1/ρ} + (σ_min^{1/ρ} − σ_max^{1/ρ})·i/N)^ρ``, mapped to ``t_i = t(γ_i)``
+    (σ of a VE model is γ of the VP one).
     """
     check_steps(steps)
     check_t_end(t_end)
@@ -194,11 +199,82 @@ def time_grid(
         lam = schedule.lambda_(ends)
         ts = schedule.t_from_gamma(torch.exp(-(lam[0] + (lam[1] - lam[0]) * frac)))
         ts[0], ts[-1] = t_start, t_end  # remove round-off at the ends
+    elif striding == "karras":
+        ends = schedule.gamma(torch.tensor([t_start, t_end], dtype=torch.float64)) ** (1.0 / KARRAS_RHO)
+        ts = schedule.t_from_gamma((ends[0] + (ends[1] - ends[0]) * frac) ** KARRAS_RHO)
+        ts[0], ts[-1] = t_start, t_end  # remove round-off at the ends
     else:
         raise ValueError(f"unknown striding {striding!r}; choose one of {STRIDINGS}")
     if not (ts[1:] < ts[:-1]).all():
         raise ValueError("the time grid is not strictly decreasing; use fewer steps or a larger t_end")
     return ts
+
+
+def grid_from_timesteps(schedule: VPSchedule, timesteps) -> Tensor:
+    """A decreasing float64 time grid from a user's ``timesteps``.
+
+    Integers (an integer tensor, or a sequence of Python or numpy ints) are a discrete
+    model's timesteps ``k`` in ``0 … N−1`` and need a :class:`DiscreteVPSchedule` of N
+    steps: ``t = (k + 1) / N``, the map of that schedule (so ``[999, 899, …]`` of a
+    1000-step DDPM model starts at t = 1).  Floats are continuous times in (0, 1].
+    Either must decrease strictly, from noise towards data.
+    """
+    if isinstance(timesteps, Tensor):
+        discrete = not (timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool)
+        values = timesteps.detach().cpu().to(torch.float64).flatten()
+        if timesteps.dim() != 1:
+            raise ValueError(f"timesteps must be one-dimensional, got shape {tuple(timesteps.shape)}")
+    else:
+        try:
+            items = list(timesteps)
+        except TypeError:
+            raise TypeError(f"timesteps must be a sequence of times or integer timesteps, got "
+                            f"{type(timesteps).__name__}") from None
+        if any(isinstance(v, bool) or not isinstance(v, numbers.Real) for v in items):
+            raise TypeError(f"timesteps must hold numbers, got {items!r}")
+        discrete = bool(items) and all(isinstance(v, numbers.Integral) for v in items)
+        values = torch.tensor([float(v) for v in items], dtype=torch.float64)
+    if values.numel() < 2:
+        raise ValueError(f"timesteps must hold at least 2 times (one step), got {values.tolist()}")
+    if not (values[1:] < values[:-1]).all():
+        raise ValueError(f"timesteps must decrease strictly, from noise towards data, got {values.tolist()}")
+    if not discrete:
+        if float(values[0]) > 1.0 and bool((values == values.round()).all()):
+            raise ValueError(f"float timesteps are continuous times in (0, 1], got {values.tolist()[:4]}…; give a "
+                             "discrete model's timesteps with an integer dtype (timesteps.long()) or as ints")
+        return checked_grid(values)
+    if not isinstance(schedule, DiscreteVPSchedule):
+        raise ValueError(f"integer timesteps index a discrete model's timesteps, but the schedule is "
+                         f"{type(schedule).__name__}; give continuous times t in (0, 1] as floats")
+    count = schedule.alphas_cumprod.numel()
+    if float(values[0]) > count - 1 or float(values[-1]) < 0:
+        raise ValueError(f"integer timesteps must lie in 0..{count - 1} (the schedule's {count} timesteps), got "
+                         f"{values.tolist()}")
+    return (values + 1.0) / count
+
+
+def noise_to(x0: Tensor, t, noise: Tensor, schedule: VPSchedule) -> Tensor:
+    """``x_t = α_t x₀ + σ_t z``: clean samples ``x0`` noised to time ``t`` with the noise ``z``.
+
+    ``t`` is one time in (0, 1] or a tensor of one time per sample, shape (B,).  The
+    coefficients are computed in float64 and the result has ``x0``'s dtype.  This is the
+    start of an image-to-image run: ``sample(model, noise_to(x0, t, z, s), steps, t_start=t)``.
+    """
+    check_schedule(schedule)
+    if not isinstance(x0, Tensor) or not isinstance(noise, Tensor) or x0.shape != noise.shape:
+        raise ValueError("x0 and noise must be tensors of the same shape, got "
+                         f"{getattr(x0, 'shape', type(x0).__name__)} and {getattr(noise, 'shape', type(noise).__name__)}")
+    if not x0.is_floating_point():
+        raise TypeError(f"x0 must have a floating dtype, got {x0.dtype}")
+    t64 = torch.as_tensor(t, dtype=torch.float64).to(x0.device)
+    if t64.dim() > 1 or (t64.dim() == 1 and t64.shape != x0.shape[:1]):
+        raise ValueError(f"t must be one time or one per sample, shape ({x0.shape[0]},), got {tuple(t64.shape)}")
+    if not (torch.isfinite(t64).all() and (t64 > 0).all() and (t64 <= 1).all()):
+        raise ValueError(f"t must lie in (0, 1], got {t64.tolist()}")
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    alpha, sigma = schedule.alpha(t64).reshape(shape), schedule.sigma(t64).reshape(shape)
+    wide = torch.promote_types(x0.dtype, torch.float64)
+    return (alpha * x0.to(wide) + sigma * noise.to(wide)).to(x0.dtype)
 
 
 def check_steps(steps) -> None:

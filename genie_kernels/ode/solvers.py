@@ -82,6 +82,73 @@ def check_solver_arguments(noise, afs, denoise) -> None:
     check_bool("denoise", denoise)
 
 
+def scaled_state(x: Tensor, gamma: Tensor) -> Tensor:
+    """``x̄ = x √(1 + γ²)`` (that is ``x / α``) in the state's dtype (:func:`state_dtype`)."""
+    return x.to(state_dtype(x.dtype)) * float((1.0 + gamma ** 2).sqrt())
+
+
+def unscaled_state(xbar: Tensor, gamma: Tensor, dtype: torch.dtype) -> Tensor:
+    """The network's input ``x = x̄ / √(1 + γ²)`` in ``dtype``."""
+    return (xbar * float(torch.rsqrt(1.0 + gamma ** 2))).to(dtype)
+
+
+def denoised_state(xbar: Tensor, gamma: Tensor, eps: Tensor, dtype: torch.dtype) -> Tensor:
+    """The denoising step ``x̂₀ = x̄ − γ ε`` (the DDIM step to γ = 0), in ``dtype``."""
+    return (xbar - float(gamma) * eps.to(xbar.dtype)).to(dtype)
+
+
+class StepRule:
+    """The update of x̄ over one step of one solver: the only place the updates are written.
+
+    ``increment(n, ε_n, dε/dγ_n)`` is what step ``n`` adds to x̄ on the float64 grid
+    ``gammas`` (``h_n = γ_{n+1} − γ_n``), with ε and dε/dγ already in the state's dtype:
+
+    * ``ddim``: ``h ε``;
+    * ``genie`` / ``genie_exact``: ``h ε + ½ h² dε/dγ`` (without dε/dγ, as in an analytic
+      first step: ``h ε``);
+    * ``ab2`` / ``ab3``: ``h ε + ½ h² p′(γ_n) + ⅙ h³ p″(γ_n)`` from the Newton interpolant
+      ``p`` of the last 2 or 3 ε in γ (see :func:`adams_bashforth`); the rule keeps that
+      history itself, so it must see every step in order.
+
+    The solver loops below, :class:`genie_kernels.GenieScheduler` and
+    :mod:`genie_kernels.k_diffusion` all step through it.
+    """
+
+    ORDERS = {"ddim": 1, "genie": 1, "genie_exact": 1, "ab2": 2, "ab3": 3}
+
+    def __init__(self, solver: str, gammas: Tensor):
+        if solver not in self.ORDERS:
+            raise ValueError(f"unknown solver {solver!r}; choose one of {tuple(self.ORDERS)}")
+        self.solver, self.gammas = solver, gammas
+        self.history_length = self.ORDERS[solver]
+        self.history: list[Tensor] = []  # ε_n, ε_{n−1}, ε_{n−2} (Adams–Bashforth only)
+        self.next_step = 0
+
+    def h(self, n: int) -> float:
+        return float(self.gammas[n + 1] - self.gammas[n])
+
+    def increment(self, n: int, eps: Tensor, deps: Tensor | None = None) -> Tensor:
+        if n != self.next_step and self.history_length > 1:
+            raise RuntimeError(f"{self.solver} keeps a history of ε and must take the steps in order: step {n} "
+                               f"came when step {self.next_step} was due")
+        self.next_step = n + 1
+        h = self.h(n)
+        if self.history_length == 1:
+            return h * eps if deps is None else h * eps + (0.5 * h * h) * deps
+        g = self.gammas
+        history = self.history = [eps] + self.history[: self.history_length - 1]
+        increment = h * history[0]
+        if len(history) >= 2:
+            d1 = (history[0] - history[1]) / float(g[n] - g[n - 1])
+            if len(history) == 3:
+                d_prev = (history[1] - history[2]) / float(g[n - 1] - g[n - 2])
+                d2 = (d1 - d_prev) / float(g[n] - g[n - 2])
+                d1 = d1 + float(g[n] - g[n - 1]) * d2
+                increment = increment + (h**3 / 3.0) * d2  # ⅙ h³ · 2 ε[n, n−1, n−2]
+            increment = increment + (0.5 * h * h) * d1
+        return increment
+
+
 class _Trajectory:
     """State shared by the solver loops: x̄ (in ``state_dtype``), x (the noise's dtype), the γ
     grid and the NFE count."""
@@ -95,7 +162,7 @@ class _Trajectory:
         self.steps = self.ts.numel() - 1
         self.state_dtype = state_dtype(noise.dtype)
         self.x = noise
-        self.xbar = noise.to(self.state_dtype) * float((1.0 + self.gammas[0] ** 2).sqrt())
+        self.xbar = scaled_state(noise, self.gammas[0])
         self.nfe = 0.0
 
     def wide(self, value: Tensor) -> Tensor:
@@ -132,14 +199,14 @@ class _Trajectory:
 
     def advance(self, n: int, increment: Tensor, eps: Tensor, callback: Callback) -> None:
         self.xbar = self.xbar + increment
-        self.x = (self.xbar * float(torch.rsqrt(1.0 + self.gammas[n + 1] ** 2))).to(self.x.dtype)
+        self.x = unscaled_state(self.xbar, self.gammas[n + 1], self.x.dtype)
         if callback is not None:
             callback({"i": n, "t": float(self.ts[n + 1]), "x": self.x, "eps": eps})
 
     def finish(self, denoise: bool) -> SolverOutput:
         if denoise:
             eps = self.model_output(self.steps).eps
-            return SolverOutput((self.xbar - float(self.gammas[-1]) * self.wide(eps)).to(self.x.dtype), self.nfe)
+            return SolverOutput(denoised_state(self.xbar, self.gammas[-1], eps, self.x.dtype), self.nfe)
         return SolverOutput(self.x, self.nfe)
 
 
@@ -148,22 +215,23 @@ def ddim(model, noise: Tensor, ts: Tensor, schedule: VPSchedule, *, afs=False, d
     """DDIM, the first truncated Taylor method: ``x̄_{n+1} = x̄_n + h_n ε_n``."""
     check_solver_arguments(noise, afs, denoise)
     traj = _Trajectory(model, noise, ts, schedule, guidance)
+    rule = StepRule("ddim", traj.gammas)
     for n in range(traj.steps):
         eps = analytic_eps(traj.x, traj.gammas[n]) if afs and n == 0 else traj.model_output(n).eps
-        traj.advance(n, traj.h(n) * traj.wide(eps), eps, callback)
+        traj.advance(n, rule.increment(n, traj.wide(eps)), eps, callback)
     return traj.finish(denoise)
 
 
 def _ttm2(traj: _Trajectory, derivative, afs: bool, callback: Callback) -> None:
     """The TTM2 loop ``x̄ ← x̄ + h ε + ½ h² dε/dγ`` with ``derivative(n) -> (ε, dε/dγ)``."""
+    rule = StepRule("genie", traj.gammas)
     for n in range(traj.steps):
-        h = traj.h(n)
         if afs and n == 0:
             eps = analytic_eps(traj.x, traj.gammas[n])
-            traj.advance(n, h * traj.wide(eps), eps, callback)
+            traj.advance(n, rule.increment(n, traj.wide(eps)), eps, callback)
         else:
             eps, deps = derivative(n)
-            traj.advance(n, h * traj.wide(eps) + (0.5 * h * h) * traj.wide(deps), eps, callback)
+            traj.advance(n, rule.increment(n, traj.wide(eps), traj.wide(deps)), eps, callback)
 
 
 def genie(
@@ -234,22 +302,10 @@ def adams_bashforth(
     if order not in (1, 2, 3):
         raise ValueError(f"Adams-Bashforth order must be 1, 2 or 3, got {order}")
     traj = _Trajectory(model, noise, ts, schedule, guidance)
-    g = traj.gammas
-    history: list[Tensor] = []  # ε_n, ε_{n−1}, ε_{n−2}
+    rule = StepRule(f"ab{order}" if order > 1 else "ddim", traj.gammas)
     for n in range(traj.steps):
         eps = analytic_eps(traj.x, traj.gammas[n]) if afs and n == 0 else traj.model_output(n).eps
-        history = [traj.wide(eps)] + history[: order - 1]
-        h = traj.h(n)
-        increment = h * history[0]
-        if len(history) >= 2:
-            d1 = (history[0] - history[1]) / float(g[n] - g[n - 1])
-            if len(history) == 3:
-                d_prev = (history[1] - history[2]) / float(g[n - 1] - g[n - 2])
-                d2 = (d1 - d_prev) / float(g[n] - g[n - 2])
-                d1 = d1 + float(g[n] - g[n - 1]) * d2
-                increment = increment + (h**3 / 3.0) * d2  # ⅙ h³ · 2 ε[n, n−1, n−2]
-            increment = increment + (0.5 * h * h) * d1
-        traj.advance(n, increment, eps, callback)
+        traj.advance(n, rule.increment(n, traj.wide(eps)), eps, callback)
     return traj.finish(denoise)
 
 

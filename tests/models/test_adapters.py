@@ -155,8 +155,11 @@ def test_unet_adapter_takes_the_schedule_of_a_diffusers_scheduler():
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     adapter = UNet2DAdapter(tiny_unet(), scheduler=scheduler)
     torch.testing.assert_close(adapter.schedule.alphas_cumprod, scheduler.alphas_cumprod.double(), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="v_prediction"):
-        UNet2DAdapter(tiny_unet(), scheduler=diffusers.DDPMScheduler(prediction_type="v_prediction"))
+    # v-prediction is converted to ε now (tests/models/test_prediction_types.py); an unknown kind is named
+    assert UNet2DAdapter(tiny_unet(), scheduler=diffusers.DDPMScheduler(prediction_type="v_prediction")).prediction_type \
+        == "v_prediction"
+    with pytest.raises(ValueError, match="unknown prediction_type 'flow'"):
+        UNet2DAdapter(tiny_unet(), scheduler=diffusers.DDPMScheduler(prediction_type="flow"))
     with pytest.raises(TypeError, match="scheduler must be a diffusers scheduler instance"):
         UNet2DAdapter(tiny_unet(), scheduler=diffusers.DDPMScheduler)
     with pytest.raises(TypeError, match="schedule must be a VPSchedule instance"):
