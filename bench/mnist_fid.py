@@ -3,7 +3,7 @@
     PYTHONPATH=. python bench/mnist_fid.py [--samples 1000] [--nfes 5,10] [--seed 0] [--threads 2]
         [--no-peers] [--peer-select rmse|trailing] [--ref-steps 100]
         [--classifier runs/mnist_classifier.safetensors] [--out-markdown PATH]
-    PYTHONPATH=. python bench/mnist_fid.py --model FOLDER --base-quality 200   # the base model alone
+    PYTHONPATH=. python bench/mnist_fid.py --model FOLDER --base-quality 200 [--base-cond]   # the base model alone
 
 ``--base-quality STEPS`` measures the network, not a sampler: the FD of ``--samples`` digits
 from an ab3 solve with STEPS steps (uniform, float32, close to the exact ODE solution)
@@ -204,6 +204,9 @@ def main() -> None:
     p.add_argument("--classifier", default=str(REPO / "runs" / "mnist_classifier.safetensors"))
     p.add_argument("--base-quality", type=int, default=None, metavar="STEPS",
                    help="only the FD of an ab3 solve with STEPS steps, and its ratio to the floor (no head needed)")
+    p.add_argument("--base-cond", action="store_true",
+                   help="with --base-quality: sample a conditional model conditionally, digit i %% 10 for sample i "
+                        "(guidance 1), instead of unconditionally")
     p.add_argument("--out-markdown", default=None, help="also write the table (and its header lines) to this file")
     args = p.parse_args()
     nfes = [int(n) for n in args.nfes.split(",")]
@@ -253,9 +256,13 @@ def main() -> None:
 
     if args.base_quality is not None:
         start = time.perf_counter()
+        def cond(noise):
+            return {"cond": torch.arange(noise.shape[0]) % 10} if args.base_cond else {}
+
         value = run(lambda noise: gk.sample(model, noise, args.base_quality, solver="ab3", schedule=schedule,
-                                            striding="uniform"))
-        print(f"\nbase model {args.model}: FD {value:.3f} of {args.samples} samples (ab3, {args.base_quality} steps) "
+                                            striding="uniform", **cond(noise)))
+        how = "conditional, balanced digits" if args.base_cond else "unconditional"
+        print(f"\nbase model {args.model}: FD {value:.3f} of {args.samples} {how} samples (ab3, {args.base_quality} steps) "
               f"= {value / floor:.2f}x the data-vs-data floor {floor:.3f} ({time.perf_counter() - start:.0f} s, "
               f"{args.threads} thread(s))", flush=True)
         return
