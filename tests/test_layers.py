@@ -30,6 +30,7 @@ LAYERS = (
     ("heads", ("genie_kernels.heads",)),
     ("fast", ("genie_kernels.fast",)),
     ("sampling", ("genie_kernels.sampling",)),
+    ("export", ("genie_kernels.aot_export",)),
     ("zoo", ("genie_kernels.zoo",)),
     ("api", ("genie_kernels",)),
     ("cli", ("genie_kernels.cli", "genie_kernels.__main__")),

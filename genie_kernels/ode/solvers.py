@@ -12,6 +12,9 @@ All solvers integrate ``dx̄/dγ = ε(x, t)``, ``x = x̄ / sqrt(1+γ²)``, over 
 ``ab3``        TTM3 with the derivatives of the quadratic through the last three ε
 =============  ======================================================================
 
+``ts`` may also be a :class:`StepGrid` built beforehand (:func:`step_grid`), which is how
+:mod:`genie_kernels.export` runs these loops under ``torch.export``.
+
 Options shared by all:
 
 * ``afs`` (analytic first step): at ``t_0`` the data is pure noise, ``x ~ N(0, I)``, whose
@@ -82,20 +85,50 @@ def check_solver_arguments(noise, afs, denoise) -> None:
     check_bool("denoise", denoise)
 
 
+class StepGrid(NamedTuple):
+    """A checked time grid and its γ values, as float64 CPU tensors and as host floats.
+
+    The solvers read every step size and scale (``h_n = γ_{n+1} − γ_n``,
+    ``sqrt(1 + γ_0²)``, ``1/sqrt(1 + γ_n²)``) from the host floats, computed once here, and
+    pass only ``t_n`` and ``γ_n`` as tensors to the model and the head.  Built before a
+    trace, it lets ``torch.export`` run the solver loops unchanged: no value is read from a
+    traced tensor, and the grid enters the graph as constants (:mod:`genie_kernels.export`).
+    """
+
+    ts: Tensor
+    gammas: Tensor
+    t_values: tuple[float, ...]
+    gamma_values: tuple[float, ...]
+    first_scale: float                # sqrt(1 + γ_0²): x̄_0 = x_0 · first_scale
+    inverse_scales: tuple[float, ...]  # 1/sqrt(1 + γ_n²): x_n = x̄_n · inverse_scales[n]
+
+
+def step_grid(ts, schedule: VPSchedule) -> StepGrid:
+    """The :class:`StepGrid` of the decreasing times ``ts`` under ``schedule`` (``ts`` may
+    already be one, and is then returned as it is)."""
+    if isinstance(ts, StepGrid):
+        return ts
+    check_schedule(schedule)
+    ts = checked_grid(ts, may_end_at_zero=True)
+    gammas = schedule.gamma(ts)
+    return StepGrid(ts, gammas, tuple(ts.tolist()), tuple(gammas.tolist()), float((1.0 + gammas[0] ** 2).sqrt()),
+                    tuple(float(torch.rsqrt(1.0 + g ** 2)) for g in gammas))
+
+
 class _Trajectory:
     """State shared by the solver loops: x̄ (in ``state_dtype``), x (the noise's dtype), the γ
     grid and the NFE count."""
 
-    def __init__(self, model, noise: Tensor, ts: Tensor, schedule: VPSchedule, guidance: Guidance | None = None):
+    def __init__(self, model, noise: Tensor, ts, schedule: VPSchedule, guidance: Guidance | None = None):
         check_schedule(schedule)
         self.model = as_model(model)
         self.guided = None if guidance is None else guided_models(self.model, guidance, noise)
-        self.ts = checked_grid(ts, may_end_at_zero=True)
-        self.gammas = schedule.gamma(self.ts)
+        self.grid = step_grid(ts, schedule)
+        self.ts, self.gammas = self.grid.ts, self.grid.gammas
         self.steps = self.ts.numel() - 1
         self.state_dtype = state_dtype(noise.dtype)
         self.x = noise
-        self.xbar = noise.to(self.state_dtype) * float((1.0 + self.gammas[0] ** 2).sqrt())
+        self.xbar = noise.to(self.state_dtype) * self.grid.first_scale
         self.nfe = 0.0
 
     def wide(self, value: Tensor) -> Tensor:
@@ -103,7 +136,7 @@ class _Trajectory:
         return value.to(self.state_dtype)
 
     def h(self, n: int) -> float:
-        return float(self.gammas[n + 1] - self.gammas[n])
+        return self.grid.gamma_values[n + 1] - self.grid.gamma_values[n]
 
     def gamma_batch(self, n: int) -> Tensor:
         """γ_n for every sample, float64, on the model's device."""
@@ -112,7 +145,7 @@ class _Trajectory:
     def model_at(self, n: int):
         """The model to call at step ``n``: the network, or with guidance the guided (inside
         the guidance interval) or conditional model."""
-        return self.model if self.guided is None else self.guided.at(float(self.ts[n]))
+        return self.model if self.guided is None else self.guided.at(self.grid.t_values[n])
 
     def t_batch(self, n: int) -> Tensor:
         return self.ts[n].to(self.x.device, self.x.dtype).expand(self.x.shape[0])
@@ -132,14 +165,14 @@ class _Trajectory:
 
     def advance(self, n: int, increment: Tensor, eps: Tensor, callback: Callback) -> None:
         self.xbar = self.xbar + increment
-        self.x = (self.xbar * float(torch.rsqrt(1.0 + self.gammas[n + 1] ** 2))).to(self.x.dtype)
+        self.x = (self.xbar * self.grid.inverse_scales[n + 1]).to(self.x.dtype)
         if callback is not None:
-            callback({"i": n, "t": float(self.ts[n + 1]), "x": self.x, "eps": eps})
+            callback({"i": n, "t": self.grid.t_values[n + 1], "x": self.x, "eps": eps})
 
     def finish(self, denoise: bool) -> SolverOutput:
         if denoise:
             eps = self.model_output(self.steps).eps
-            return SolverOutput((self.xbar - float(self.gammas[-1]) * self.wide(eps)).to(self.x.dtype), self.nfe)
+            return SolverOutput((self.xbar - self.grid.gamma_values[-1] * self.wide(eps)).to(self.x.dtype), self.nfe)
         return SolverOutput(self.x, self.nfe)
 
 
@@ -234,7 +267,7 @@ def adams_bashforth(
     if order not in (1, 2, 3):
         raise ValueError(f"Adams-Bashforth order must be 1, 2 or 3, got {order}")
     traj = _Trajectory(model, noise, ts, schedule, guidance)
-    g = traj.gammas
+    g = traj.grid.gamma_values
     history: list[Tensor] = []  # ε_n, ε_{n−1}, ε_{n−2}
     for n in range(traj.steps):
         eps = analytic_eps(traj.x, traj.gammas[n]) if afs and n == 0 else traj.model_output(n).eps
@@ -242,11 +275,11 @@ def adams_bashforth(
         h = traj.h(n)
         increment = h * history[0]
         if len(history) >= 2:
-            d1 = (history[0] - history[1]) / float(g[n] - g[n - 1])
+            d1 = (history[0] - history[1]) / (g[n] - g[n - 1])
             if len(history) == 3:
-                d_prev = (history[1] - history[2]) / float(g[n - 1] - g[n - 2])
-                d2 = (d1 - d_prev) / float(g[n] - g[n - 2])
-                d1 = d1 + float(g[n] - g[n - 1]) * d2
+                d_prev = (history[1] - history[2]) / (g[n - 1] - g[n - 2])
+                d2 = (d1 - d_prev) / (g[n] - g[n - 2])
+                d1 = d1 + (g[n] - g[n - 1]) * d2
                 increment = increment + (h**3 / 3.0) * d2  # ⅙ h³ · 2 ε[n, n−1, n−2]
             increment = increment + (0.5 * h * h) * d1
         traj.advance(n, increment, eps, callback)
