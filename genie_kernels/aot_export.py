@@ -143,8 +143,8 @@ def export(
     solver=solver, head=head, schedule=schedule, afs=afs, striding=striding, t_end=t_end)``
     (to Inductor's rounding, see the module docstring).  Everything else is pinned: a
     different batch, shape, dtype, device or grid needs a new export.  The model and head are
-    used as they are (eval mode, their weights copied into the package) and must already be
-    on ``device`` in ``dtype``.
+    traced as they are (put them in eval mode first; their weights are copied into the
+    package) and must already be on ``device``, the model in ``dtype``.
 
     Args:
         model, head, schedule, afs, striding, t_end: as for :func:`genie_kernels.sample`.
@@ -172,6 +172,8 @@ def export(
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {EXPORT_DTYPES} for export, got {dtype}")
     device = check_device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"export builds packages for cpu or cuda, not {device.type}")
     out = Path(out)
     if out.suffix != ".pt2":
         raise ValueError(f"out must name a .pt2 file, got {str(out)!r}")

@@ -13,6 +13,7 @@ so those tests are quick.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -184,6 +185,7 @@ def test_a_head_that_does_not_fit_the_model_is_refused(mnist, tmp_path):
     ({"dtype": torch.float16}, ValueError, "dtype must be one of"),
     ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "nope"}, ValueError, "device"),
     ({"out": "sampler.zip"}, ValueError, r"\.pt2"),
+    ({"device": "meta"}, ValueError, "for cpu or cuda, not meta"),
     ({"shape": (2, 0, 4)}, ValueError, "shape must be a tuple of ints"),
 ])
 def test_settings_that_cannot_be_exported_are_refused_before_compiling(mixture, tmp_path, options, error, message):
@@ -196,8 +198,10 @@ def test_settings_that_cannot_be_exported_are_refused_before_compiling(mixture, 
     assert not (tmp_path / "s.pt2").exists()
 
 
-def test_a_model_on_another_dtype_or_without_a_shape_is_refused(mixture, tmp_path):
+def test_a_model_on_another_device_or_dtype_or_without_a_shape_is_refused(mixture, tmp_path):
     model, _, schedule = gk.load_pretrained("mnist", with_head=False)
+    with pytest.raises(ValueError, match=r"the model's .* is on meta, but the package is built for cpu.*model.to\('cpu'\)"):
+        gk.export(copy.deepcopy(model).to("meta"), 2, solver="ddim", schedule=schedule, out=tmp_path / "s.pt2")
     with pytest.raises(ValueError, match="package is built for torch.float64"):
         gk.export(model, 2, solver="ddim", schedule=schedule, dtype="float64", out=tmp_path / "s.pt2")
     with pytest.raises(ValueError, match="shape= is needed"):
