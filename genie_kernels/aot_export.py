@@ -101,7 +101,8 @@ def _check_export_options(solver, steps, batch, shape, afs) -> None:
     if shape is None:
         raise ValueError("shape= is needed: the model does not say the shape of one sample (data_shape, or "
                          "in_channels and image_size); give it as a tuple, e.g. shape=(1, 28, 28)")
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape) or not shape:
+    if not isinstance(shape, tuple) or not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                                          for s in shape):
         raise ValueError(f"shape must be a tuple of ints >= 1 (one sample, without the batch), got {shape!r}")
 
 
@@ -188,9 +189,14 @@ def export(
         try:  # the solver's own checks (a head that does not fit the model, a wrong shape), in eager mode
             sampler(noise)
         except RuntimeError as err:
-            raise ValueError(f"the model{' and head' if head is not None else ''} do not run on noise of shape "
-                             f"{tuple(noise.shape)} ({dtype}, {device}): {str(err).splitlines()[0]}") from err
-        program = torch.export.export(sampler, (noise,), strict=False)
+            raise ValueError(f"{'the model and head do' if head is not None else 'the model does'} not run on noise "
+                             f"of shape {tuple(noise.shape)} ({dtype}, {device}): {str(err).splitlines()[0]}") from err
+        try:
+            program = torch.export.export(sampler, (noise,), strict=False)
+        except Exception as err:  # torch.export's own errors have many types; its message follows
+            raise ValueError("torch.export could not trace the sampler; a model or head that reads a tensor's value "
+                             "on the host (float(t), .item(), `if tensor:`) cannot be exported: "
+                             f"{str(err).splitlines()[0]}") from err
     metadata = {
         "format": FORMAT, "solver": solver, "steps": str(steps), "afs": str(afs).lower(), "striding": striding,
         "t_end": repr(float(t_end)), "shape": json.dumps([batch, *shape]), "dtype": str(dtype).removeprefix("torch."),

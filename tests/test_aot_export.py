@@ -187,6 +187,7 @@ def test_a_head_that_does_not_fit_the_model_is_refused(mnist, tmp_path):
     ({"out": "sampler.zip"}, ValueError, r"\.pt2"),
     ({"device": "meta"}, ValueError, "for cpu or cuda, not meta"),
     ({"shape": (2, 0, 4)}, ValueError, "shape must be a tuple of ints"),
+    ({"shape": 32}, ValueError, "shape must be a tuple of ints"),
 ])
 def test_settings_that_cannot_be_exported_are_refused_before_compiling(mixture, tmp_path, options, error, message):
     options = {"solver": "ddim", "steps": 2, "out": tmp_path / "s.pt2"} | options
@@ -206,6 +207,15 @@ def test_a_model_on_another_device_or_dtype_or_without_a_shape_is_refused(mixtur
         gk.export(model, 2, solver="ddim", schedule=schedule, dtype="float64", out=tmp_path / "s.pt2")
     with pytest.raises(ValueError, match="shape= is needed"):
         gk.export(lambda x, t: x, 2, solver="ddim", out=tmp_path / "s.pt2")
+
+
+def test_a_model_that_reads_values_on_the_host_is_refused_with_the_reason(tmp_path):
+    def host_reading(x, t):
+        return x * float(t[0])  # a host read: torch.export cannot trace it
+
+    with pytest.raises(ValueError, match="torch.export could not trace the sampler.*reads a tensor's value"):
+        gk.export(host_reading, 2, solver="ddim", shape=(1, 2, 2), out=tmp_path / "s.pt2")
+    assert not (tmp_path / "s.pt2").exists()
 
 
 def test_cli_export_refuses_bad_settings_with_one_line(tmp_path, capsys):
