@@ -1,6 +1,7 @@
 """genie_kernels: few-step diffusion sampling with GENIE (second-order Taylor + distilled head)."""
 
 from .checkpoint import CheckpointError
+from .aot_export import ExportedSampler, export, load_exported
 from .cost import RelativeCost
 from .fast.graph import GenieSampler, GraphCaptureError
 from .heads.base import combine_mixed
@@ -59,7 +60,7 @@ def backends() -> dict[str, tuple[bool, str]]:
 
 
 __all__ = [
-    "backends", "distill", "DistillResult", "NonFiniteLossError", "load_head", "CheckpointError",
+    "backends", "export", "load_exported", "ExportedSampler", "distill", "DistillResult", "NonFiniteLossError", "load_head", "CheckpointError",
     "GenieSampler", "GraphCaptureError", "ConvHead", "MLPHead", "combine_mixed", "HookedModel", "UNet2DAdapter", "UNet2DConditionAdapter",
     "UNet", "load_unet", "load_pretrained_unet", "load_pretrained",
     "sample", "ddim", "genie", "genie_exact", "ab2", "ab3", "SolverOutput",

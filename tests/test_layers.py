@@ -31,6 +31,7 @@ LAYERS = (
     ("fast", ("genie_kernels.fast",)),
     ("sampling", ("genie_kernels.sampling",)),
     ("integrations", ("genie_kernels.scheduler", "genie_kernels.k_diffusion")),
+    ("export", ("genie_kernels.aot_export",)),
     ("zoo", ("genie_kernels.zoo",)),
     ("api", ("genie_kernels",)),
     ("cli", ("genie_kernels.cli", "genie_kernels.__main__")),

@@ -17,6 +17,7 @@ COMMANDS = {
     "sample": "genie_kernels.cli.sample",
     "distill": "genie_kernels.cli.distill",
     "train-base": "genie_kernels.cli.train_base",
+    "export": "genie_kernels.cli.export",
 }
 
 

@@ -12,6 +12,9 @@ All solvers integrate ``dx̄/dγ = ε(x, t)``, ``x = x̄ / sqrt(1+γ²)``, over 
 ``ab3``        TTM3 with the derivatives of the quadratic through the last three ε
 =============  ======================================================================
 
+``ts`` may also be a :class:`StepGrid` built beforehand (:func:`step_grid`), which is how
+:mod:`genie_kernels.export` runs these loops under ``torch.export``.
+
 Options shared by all:
 
 * ``afs`` (analytic first step): at ``t_0`` the data is pure noise, ``x ~ N(0, I)``, whose
@@ -37,7 +40,8 @@ is one call (its cost, about three forward passes by FLOPs, is measured by
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Protocol
+import math
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -82,17 +86,22 @@ def check_solver_arguments(noise, afs, denoise) -> None:
     check_bool("denoise", denoise)
 
 
-def scaled_state(x: Tensor, gamma: Tensor) -> Tensor:
-    """``x̄ = x √(1 + γ²)`` (that is ``x / α``) in the state's dtype (:func:`state_dtype`)."""
-    return x.to(state_dtype(x.dtype)) * float((1.0 + gamma ** 2).sqrt())
+def scaled_state(x: Tensor, gamma: float | Tensor) -> Tensor:
+    """``x̄ = x √(1 + γ²)`` (that is ``x / α``) in the state's dtype (:func:`state_dtype`).
+
+    ``gamma`` is a float or a 0-dim tensor; the scale is computed on the host in float64,
+    so a traced loop (:mod:`genie_kernels.aot_export`) given floats reads no tensor."""
+    g = float(gamma)
+    return x.to(state_dtype(x.dtype)) * math.sqrt(1.0 + g * g)
 
 
-def unscaled_state(xbar: Tensor, gamma: Tensor, dtype: torch.dtype) -> Tensor:
+def unscaled_state(xbar: Tensor, gamma: float | Tensor, dtype: torch.dtype) -> Tensor:
     """The network's input ``x = x̄ / √(1 + γ²)`` in ``dtype``."""
-    return (xbar * float(torch.rsqrt(1.0 + gamma ** 2))).to(dtype)
+    g = float(gamma)
+    return (xbar * (1.0 / math.sqrt(1.0 + g * g))).to(dtype)
 
 
-def denoised_state(xbar: Tensor, gamma: Tensor, eps: Tensor, dtype: torch.dtype) -> Tensor:
+def denoised_state(xbar: Tensor, gamma: float | Tensor, eps: Tensor, dtype: torch.dtype) -> Tensor:
     """The denoising step ``x̂₀ = x̄ − γ ε`` (the DDIM step to γ = 0), in ``dtype``."""
     return (xbar - float(gamma) * eps.to(xbar.dtype)).to(dtype)
 
@@ -116,16 +125,18 @@ class StepRule:
 
     ORDERS = {"ddim": 1, "genie": 1, "genie_exact": 1, "ab2": 2, "ab3": 3}
 
-    def __init__(self, solver: str, gammas: Tensor):
+    def __init__(self, solver: str, gammas: Tensor | Sequence[float]):
         if solver not in self.ORDERS:
             raise ValueError(f"unknown solver {solver!r}; choose one of {tuple(self.ORDERS)}")
-        self.solver, self.gammas = solver, gammas
+        # host floats: the steps read no tensor (a traced loop passes StepGrid.gamma_values)
+        self.solver = solver
+        self.gammas = tuple(gammas.tolist()) if isinstance(gammas, Tensor) else tuple(float(g) for g in gammas)
         self.history_length = self.ORDERS[solver]
         self.history: list[Tensor] = []  # ε_n, ε_{n−1}, ε_{n−2} (Adams–Bashforth only)
         self.next_step = 0
 
     def h(self, n: int) -> float:
-        return float(self.gammas[n + 1] - self.gammas[n])
+        return self.gammas[n + 1] - self.gammas[n]
 
     def increment(self, n: int, eps: Tensor, deps: Tensor | None = None) -> Tensor:
         if n != self.next_step and self.history_length > 1:
@@ -139,30 +150,57 @@ class StepRule:
         history = self.history = [eps] + self.history[: self.history_length - 1]
         increment = h * history[0]
         if len(history) >= 2:
-            d1 = (history[0] - history[1]) / float(g[n] - g[n - 1])
+            d1 = (history[0] - history[1]) / (g[n] - g[n - 1])
             if len(history) == 3:
-                d_prev = (history[1] - history[2]) / float(g[n - 1] - g[n - 2])
-                d2 = (d1 - d_prev) / float(g[n] - g[n - 2])
-                d1 = d1 + float(g[n] - g[n - 1]) * d2
+                d_prev = (history[1] - history[2]) / (g[n - 1] - g[n - 2])
+                d2 = (d1 - d_prev) / (g[n] - g[n - 2])
+                d1 = d1 + (g[n] - g[n - 1]) * d2
                 increment = increment + (h**3 / 3.0) * d2  # ⅙ h³ · 2 ε[n, n−1, n−2]
             increment = increment + (0.5 * h * h) * d1
         return increment
+
+
+class StepGrid(NamedTuple):
+    """A checked time grid and its γ values, as float64 CPU tensors and as host floats.
+
+    The solvers read every step size and scale (``h_n = γ_{n+1} − γ_n``,
+    ``sqrt(1 + γ_0²)``, ``1/sqrt(1 + γ_n²)``) from the host floats, computed once here, and
+    pass only ``t_n`` and ``γ_n`` as tensors to the model and the head.  Built before a
+    trace, it lets ``torch.export`` run the solver loops unchanged: no value is read from a
+    traced tensor, and the grid enters the graph as constants (:mod:`genie_kernels.export`).
+    """
+
+    ts: Tensor
+    gammas: Tensor
+    t_values: tuple[float, ...]
+    gamma_values: tuple[float, ...]
+
+
+def step_grid(ts, schedule: VPSchedule) -> StepGrid:
+    """The :class:`StepGrid` of the decreasing times ``ts`` under ``schedule`` (``ts`` may
+    already be one, and is then returned as it is)."""
+    if isinstance(ts, StepGrid):
+        return ts
+    check_schedule(schedule)
+    ts = checked_grid(ts, may_end_at_zero=True)
+    gammas = schedule.gamma(ts)
+    return StepGrid(ts, gammas, tuple(ts.tolist()), tuple(gammas.tolist()))
 
 
 class _Trajectory:
     """State shared by the solver loops: x̄ (in ``state_dtype``), x (the noise's dtype), the γ
     grid and the NFE count."""
 
-    def __init__(self, model, noise: Tensor, ts: Tensor, schedule: VPSchedule, guidance: Guidance | None = None):
+    def __init__(self, model, noise: Tensor, ts, schedule: VPSchedule, guidance: Guidance | None = None):
         check_schedule(schedule)
         self.model = as_model(model)
         self.guided = None if guidance is None else guided_models(self.model, guidance, noise)
-        self.ts = checked_grid(ts, may_end_at_zero=True)
-        self.gammas = schedule.gamma(self.ts)
+        self.grid = step_grid(ts, schedule)
+        self.ts, self.gammas = self.grid.ts, self.grid.gammas
         self.steps = self.ts.numel() - 1
         self.state_dtype = state_dtype(noise.dtype)
         self.x = noise
-        self.xbar = scaled_state(noise, self.gammas[0])
+        self.xbar = scaled_state(noise, self.grid.gamma_values[0])
         self.nfe = 0.0
 
     def wide(self, value: Tensor) -> Tensor:
@@ -170,7 +208,7 @@ class _Trajectory:
         return value.to(self.state_dtype)
 
     def h(self, n: int) -> float:
-        return float(self.gammas[n + 1] - self.gammas[n])
+        return self.grid.gamma_values[n + 1] - self.grid.gamma_values[n]
 
     def gamma_batch(self, n: int) -> Tensor:
         """γ_n for every sample, float64, on the model's device."""
@@ -179,7 +217,7 @@ class _Trajectory:
     def model_at(self, n: int):
         """The model to call at step ``n``: the network, or with guidance the guided (inside
         the guidance interval) or conditional model."""
-        return self.model if self.guided is None else self.guided.at(float(self.ts[n]))
+        return self.model if self.guided is None else self.guided.at(self.grid.t_values[n])
 
     def t_batch(self, n: int) -> Tensor:
         return self.ts[n].to(self.x.device, self.x.dtype).expand(self.x.shape[0])
@@ -199,14 +237,14 @@ class _Trajectory:
 
     def advance(self, n: int, increment: Tensor, eps: Tensor, callback: Callback) -> None:
         self.xbar = self.xbar + increment
-        self.x = unscaled_state(self.xbar, self.gammas[n + 1], self.x.dtype)
+        self.x = unscaled_state(self.xbar, self.grid.gamma_values[n + 1], self.x.dtype)
         if callback is not None:
-            callback({"i": n, "t": float(self.ts[n + 1]), "x": self.x, "eps": eps})
+            callback({"i": n, "t": self.grid.t_values[n + 1], "x": self.x, "eps": eps})
 
     def finish(self, denoise: bool) -> SolverOutput:
         if denoise:
             eps = self.model_output(self.steps).eps
-            return SolverOutput(denoised_state(self.xbar, self.gammas[-1], eps, self.x.dtype), self.nfe)
+            return SolverOutput(denoised_state(self.xbar, self.grid.gamma_values[-1], eps, self.x.dtype), self.nfe)
         return SolverOutput(self.x, self.nfe)
 
 
@@ -215,7 +253,7 @@ def ddim(model, noise: Tensor, ts: Tensor, schedule: VPSchedule, *, afs=False, d
     """DDIM, the first truncated Taylor method: ``x̄_{n+1} = x̄_n + h_n ε_n``."""
     check_solver_arguments(noise, afs, denoise)
     traj = _Trajectory(model, noise, ts, schedule, guidance)
-    rule = StepRule("ddim", traj.gammas)
+    rule = StepRule("ddim", traj.grid.gamma_values)
     for n in range(traj.steps):
         eps = analytic_eps(traj.x, traj.gammas[n]) if afs and n == 0 else traj.model_output(n).eps
         traj.advance(n, rule.increment(n, traj.wide(eps)), eps, callback)
@@ -224,7 +262,7 @@ def ddim(model, noise: Tensor, ts: Tensor, schedule: VPSchedule, *, afs=False, d
 
 def _ttm2(traj: _Trajectory, derivative, afs: bool, callback: Callback) -> None:
     """The TTM2 loop ``x̄ ← x̄ + h ε + ½ h² dε/dγ`` with ``derivative(n) -> (ε, dε/dγ)``."""
-    rule = StepRule("genie", traj.gammas)
+    rule = StepRule("genie", traj.grid.gamma_values)
     for n in range(traj.steps):
         if afs and n == 0:
             eps = analytic_eps(traj.x, traj.gammas[n])
@@ -302,7 +340,7 @@ def adams_bashforth(
     if order not in (1, 2, 3):
         raise ValueError(f"Adams-Bashforth order must be 1, 2 or 3, got {order}")
     traj = _Trajectory(model, noise, ts, schedule, guidance)
-    rule = StepRule(f"ab{order}" if order > 1 else "ddim", traj.gammas)
+    rule = StepRule(f"ab{order}" if order > 1 else "ddim", traj.grid.gamma_values)
     for n in range(traj.steps):
         eps = analytic_eps(traj.x, traj.gammas[n]) if afs and n == 0 else traj.model_output(n).eps
         traj.advance(n, rule.increment(n, traj.wide(eps)), eps, callback)

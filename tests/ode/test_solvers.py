@@ -234,3 +234,20 @@ def test_genie_refuses_a_head_output_of_the_wrong_shape(image_mix, image_noise, 
     with pytest.raises(ValueError, match=rf"head must return dε/dγ shaped like ε \(8, 3, 8, 8\), got shape "
                                          rf"{re.escape(str(tuple(shape)))} at step 0"):
         gk.sample(image_mix, noise, 3, solver="genie", head=head, schedule=schedule)
+
+
+def test_step_grid_holds_the_grid_as_host_floats_and_solvers_take_it(image_mix, image_noise, schedule):
+    """A StepGrid built once gives the solvers the same floats they would compute from ``ts``."""
+    from genie_kernels.ode.solvers import StepGrid, step_grid
+
+    ts = time_grid(schedule, 5, 1e-3, "logsnr")
+    grid = step_grid(ts, schedule)
+    assert isinstance(grid, StepGrid) and step_grid(grid, schedule) is grid
+    gammas = schedule.gamma(ts)
+    assert grid.t_values == tuple(ts.tolist()) and grid.gamma_values == tuple(gammas.tolist())
+    for solver in ("ddim", "ab3"):
+        fn = getattr(gk, solver)
+        assert torch.equal(fn(image_mix, image_noise, grid, schedule, afs=True).sample,
+                           fn(image_mix, image_noise, ts, schedule, afs=True).sample)
+    with pytest.raises(ValueError, match="decreasing grid"):
+        step_grid(ts.flip(0), schedule)
