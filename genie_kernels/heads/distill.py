@@ -55,7 +55,7 @@ from ..ode.schedules import VPSchedule, schedule_of
 from .cost import head_cost
 from .data import (check_conditions, data_sampler, format_validation, hold_out, noisy_batch, noisy_conditional_batch,
                    paired_sampler, probe_model, relative_errors, validation_set, weighted_loss)
-from .files import FORMAT, model_identity, stored_cost
+from .storage import FORMAT, model_identity, stored_cost
 from .recipe import LR_SCHEDULES, any_rank, check_new_output, check_settings, kept_checkpoint, learning_rate
 
 __all__ = ["LR_SCHEDULES", "DistillResult", "NonFiniteLossError", "check_new_output", "distill"]
@@ -333,4 +333,5 @@ def distill(
     if world > 1:
         dist.barrier()
     final = ema_head if ema_head is not None else head
+    final.base_model = expect["base_model"]  # what save_pretrained records
     return DistillResult(final.eval(), losses, validation, last)
