@@ -22,7 +22,7 @@ from .ode import solvers
 from .ode.guidance import check_guidance_options
 from .ode.schedules import DEFAULT_STRIDING, STRIDINGS, VPSchedule, check_steps, check_t_end, schedule_of, time_grid
 from .ode.solvers import check_model_and_head
-from .sampling import DEFAULT_T_END
+from .sampling import DEFAULT_T_END, ProgressBar
 
 DEFAULT_ENCODE_SOLVER = "ab3"
 
@@ -42,6 +42,7 @@ def encode(
     cond=None,
     callback=None,
     return_nfe: bool = False,
+    progress: bool = False,
 ):
     """Encode data into noise: solve the DDIM ODE forwards, from ``t_end`` up to ``t = 1``.
 
@@ -70,6 +71,7 @@ def encode(
             unconditional.  Decode with the same ``cond``.
         callback: called after every step with ``{"i", "t", "x", "eps"}``.
         return_nfe: also return the number of network evaluations.
+        progress: show a tqdm progress bar of the steps (off by default).
 
     Returns:
         the encoding ``x(t = 1)`` shaped like ``x0``; with ``return_nfe`` a
@@ -77,6 +79,7 @@ def encode(
     """
     check_noise(x0)
     check_bool("return_nfe", return_nfe)
+    check_bool("progress", progress)
     if (steps is None) == (timesteps is None):
         raise ValueError("encode: give either steps (with striding and t_end) or timesteps (the whole increasing "
                          f"grid), {'not both' if steps is not None else 'got neither'}")
@@ -98,8 +101,8 @@ def encode(
     extra = {"head": head} if solver == "genie" else {}
     if guidance is not None:
         extra["guidance"] = guidance
-    with torch.no_grad():  # forward-mode AD (genie_exact) works without autograd
-        out = solvers.SOLVERS[solver](model, x0, ts, schedule, **extra, callback=callback)
+    with torch.no_grad(), ProgressBar(progress, ts.numel() - 1, "encode") as bar:  # jvp needs no autograd
+        out = solvers.SOLVERS[solver](model, x0, ts, schedule, **extra, callback=bar.wrap(callback))
     return out if return_nfe else out.sample
 
 
