@@ -11,8 +11,8 @@ torchrun's environment; gloo on the CPU, NCCL on CUDA devices, rank ``r`` on
 
 Files in DIR:
 
-* ``run.json``: the settings.  A rerun with other settings is refused, one with the same
-  settings resumes;
+* ``run.json``: the settings.  A rerun with other settings is refused once a shard is
+  there, one with the same settings resumes;
 * ``shard_00012.npz``: ``images`` (uint8, ``(n, H, W, C)``, from [−1, 1]), ``labels``
   (int64, −1 for unconditional samples), ``seeds`` (uint64, each sample's noise seed) and
   ``indices`` (int64, the sample numbers), written atomically
@@ -103,10 +103,11 @@ class Ranks:
 
 
 def check_run_record(out_dir: Path, settings: dict, write: bool) -> None:
-    """Compare ``settings`` with DIR/run.json (refuse a difference); ``write``: create it when absent."""
+    """Compare ``settings`` with DIR/run.json and refuse a difference while DIR holds shards;
+    ``write``: write it when absent or when no shard was made under the old settings."""
     record = {"format": RUN_FORMAT, **settings}
     path = out_dir / "run.json"
-    if path.is_file():
+    if path.is_file() and any(out_dir.glob("shard_*.npz")):
         try:
             found = json.loads(path.read_text())
         except (OSError, ValueError) as err:
@@ -116,14 +117,18 @@ def check_run_record(out_dir: Path, settings: dict, write: bool) -> None:
             shown = ", ".join(f"{k}: {found.get(k)!r} there, {record.get(k)!r} now" for k in different)
             raise ValueError(f"--out-dir {out_dir} holds samples of a run with other settings ({shown}); "
                              "rerun with those settings to resume, or give another --out-dir")
-    elif write:
+    elif write and not (path.is_file() and path.read_text() == _json_text(record)):
         _write_json(path, record)
+
+
+def _json_text(value: dict) -> str:
+    return json.dumps(value, indent=2, sort_keys=True) + "\n"
 
 
 def _write_json(path: Path, value: dict) -> None:
     def write(tmp):
         with open(tmp, "w") as f:
-            f.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+            f.write(_json_text(value))
     atomic_write(path, write)
 
 

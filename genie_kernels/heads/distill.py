@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_checkpoint, restore_training, save_checkpoint, training_tensors
+from ..checkpoint import load_checkpoint, read_config, restore_training, save_checkpoint, training_tensors
 from ..ode.derivative import exact_deps_dgamma
 from ..ode.guidance import GuidedModel
 from ..ode.protocol import as_model
@@ -207,6 +207,9 @@ def distill(
     start = 0
 
     if resume and out is not None and out.exists():
+        stored = read_config(out).get("base_model")
+        if isinstance(stored, dict) and "sha256" in stored and stored.items() <= expect["base_model"].items():
+            expect["base_model"] = stored  # written before the rounded digests: the same exact weights
         tensors, config = load_checkpoint(out, expect=expect)
         start = int(config["step"])
         losses = restore_training(tensors, out, start, optimizer, gen, **_run_state(head, ema_head))

@@ -113,3 +113,11 @@ def test_bad_sharding_options_are_refused_before_sampling(tmp_path, capsys, argv
 def test_a_rerun_with_other_settings_is_refused(single, capsys):
     assert main(["sample", *ARGS[:-4], "--seed", "8", "--threads", "1", "--out-dir", str(single)]) == 2
     assert "seed: 7 there, 8 now" in capsys.readouterr().err
+
+
+def test_a_run_that_failed_before_its_first_shard_does_not_hold_the_folder(tmp_path, capsys):
+    # the bundled model is unconditional: --digits fails at the first batch, before any shard
+    assert main(["sample", *ARGS, "--digits", "37", "--out-dir", str(tmp_path)]) == 2
+    assert "unconditional" in capsys.readouterr().err and not list(tmp_path.glob("shard_*"))
+    assert main(["sample", *ARGS, "--num-samples", "3", "--out-dir", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "run.json").read_text())["num_samples"] == 3

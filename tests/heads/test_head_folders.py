@@ -104,3 +104,21 @@ def test_save_pretrained_and_from_pretrained_round_trip(distilled, tmp_path):
         head.save_pretrained(tmp_path / "a-file")
     with pytest.raises(CheckpointError, match="no checkpoint"):
         gk.ConvHead.from_pretrained(tmp_path / "missing")
+
+
+def test_checkpoints_from_before_the_rounded_digests_still_load_and_resume(tmp_path):
+    from genie_kernels.checkpoint import load_checkpoint, save_checkpoint
+
+    mixture = gk.image_mixture((1, 4, 4), components=3, seed=3)
+    torch.manual_seed(0)
+    path = tmp_path / "head.safetensors"
+    settings = dict(batch_size=8, lr=3e-3, val_size=0, progress=False, out=path)
+    gk.distill(mixture, gk.ConvHead(1, nf=8, num_blocks=1, groups=4), mixture, steps=2, **settings)
+    tensors, config = load_checkpoint(path)
+    for key in ("sha256_float16", "sha256_bfloat16"):
+        del config["base_model"][key]  # the identity as heads distilled before recorded it
+    save_checkpoint(path, tensors, config)
+    gk.load_head(path, model=mixture)
+    torch.manual_seed(0)
+    result = gk.distill(mixture, gk.ConvHead(1, nf=8, num_blocks=1, groups=4), mixture, steps=4, resume=True, **settings)
+    assert len(result.losses) == 4
