@@ -139,6 +139,17 @@ def remove_stale_temporaries(path) -> list[Path]:
     return removed
 
 
+def atomic_write(path, write) -> Path:
+    """Write a file atomically: ``write(tmp)`` fills a temporary file in ``path``'s folder
+    (created if missing), which is fsynced and renamed over ``path``.  Readers see the old
+    file or the whole new one, never a part; temporaries of killed writers are removed
+    first (:func:`remove_stale_temporaries`).  Returns the path written."""
+    path = write_target(_as_path(path))
+    remove_stale_temporaries(path)
+    _atomic_write(path, write)
+    return path
+
+
 def _atomic_write(path: Path, write) -> None:
     path = write_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)

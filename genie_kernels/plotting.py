@@ -30,9 +30,14 @@ def scatter_panels(panels, path, size: int = 400, extent: float = 2.5) -> Path:
     return path
 
 
+def uint8_images(images: torch.Tensor) -> torch.Tensor:
+    """Images in [−1, 1] as bytes on the CPU: ``round((clamp(x, −1, 1) + 1) · 127.5)``."""
+    return ((images.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def image_grid(images: torch.Tensor, path, nrow: int = 8, padding: int = 2) -> Path:
     """Save ``(N, C, H, W)`` images in [−1, 1] as one PNG grid."""
-    images = ((images.detach().cpu().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    images = uint8_images(images)
     n, c, h, w = images.shape
     rows = (n + nrow - 1) // nrow
     grid = torch.zeros(c, rows * (h + padding) + padding, nrow * (w + padding) + padding, dtype=torch.uint8)

@@ -69,6 +69,7 @@ def sample(
     uncond=None,
     guidance_interval: tuple[float, float] | None = None,
     check_finite: bool = False,
+    progress: bool = False,
 ):
     """Sample from a noise-prediction diffusion model by solving the DDIM ODE.
 
@@ -119,6 +120,9 @@ def sample(
             ε holds NaN or inf — one host sync per step (at the end for ``cuda_graph``,
             which then names no step).  Off by default: non-finite values from a model or
             head otherwise pass to the output unchecked.
+        progress: show a tqdm progress bar of the steps (on stderr, removed when done).  Off
+            by default: a library call stays silent, and few-step sampling is over quickly.
+            ``backend="cuda_graph"`` replays the whole loop at once and shows none.
 
     Returns:
         the sample shaped like ``noise``; with ``return_nfe`` a :class:`SolverOutput`
@@ -139,7 +143,8 @@ def sample(
         raise ValueError(f"unknown striding {striding!r}; choose one of {STRIDINGS}")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(info), got {type(callback).__name__}")
-    for name, value in (("afs", afs), ("denoise", denoise), ("return_nfe", return_nfe), ("check_finite", check_finite)):
+    for name, value in (("afs", afs), ("denoise", denoise), ("return_nfe", return_nfe), ("check_finite", check_finite),
+                        ("progress", progress)):
         check_bool(name, value)
     check_model_and_head(model, solver, head)
     guidance = check_guidance_options(cond, guidance_scale, uncond, guidance_interval)
@@ -160,10 +165,11 @@ def sample(
     extra = {"head": head} if solver == "genie" else {}
     if guidance is not None:
         extra["guidance"] = guidance
-    with torch.no_grad():  # forward-mode AD (genie_exact) works without autograd
+    with torch.no_grad(), ProgressBar(progress and backend != "cuda_graph", steps, "sample") as bar:
         chosen = resolve_backend(backend, solver, head, noise)
         if check_finite and chosen != "cuda_graph":
             callback = _finite_checking(callback)
+        callback = bar.wrap(callback) if chosen != "cuda_graph" else callback
         if chosen == "cuda_graph":
             if callback is not None:
                 raise ValueError("backend='cuda_graph' replays the whole loop at once and cannot call a callback")
@@ -185,6 +191,35 @@ def sample(
     if check_finite and not torch.isfinite(out.sample).all():
         raise ValueError("the sample holds NaN or inf" + (" (denoise=True: in the final denoising call)" if denoise else ""))
     return out if return_nfe else out.sample
+
+
+class ProgressBar:
+    """A tqdm bar of ``steps`` solver steps, advanced by a callback (:meth:`wrap`); with
+    ``show`` false it shows nothing and leaves the callback as it is."""
+
+    def __init__(self, show: bool, steps: int, what: str):
+        self.show, self.steps, self.what, self.bar = show, steps, what, None
+
+    def __enter__(self) -> "ProgressBar":
+        if self.show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.steps, desc=self.what, unit="step", leave=False)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def wrap(self, callback):
+        if self.bar is None:
+            return callback
+
+        def advance(info: dict) -> None:
+            self.bar.update(1)
+            if callback is not None:
+                callback(info)
+        return advance
 
 
 def _finite_checking(callback):

@@ -52,6 +52,7 @@ EXAMPLES = {
     "guided graph": "same graph, new labels",
     "diffusers": "gk.GenieScheduler",
     "k-diffusion": "K.sample_genie",
+    "encoding": "gk.slerp(z[:1], z[1:]",
     "cuda graph": "sampler = gk.GenieSampler(model, 10, solver=\"genie\", head=head)",
 }
 
@@ -142,6 +143,31 @@ def test_the_k_diffusion_example_runs_as_written():
     names = run_block("k-diffusion", {})
     assert names["x"].shape == (4, 3, 8, 8) and torch.isfinite(names["x"]).all()
     torch.testing.assert_close(names["x"], names["same"], atol=1e-10, rtol=1e-10)
+
+
+def test_the_encoding_example_runs_as_written():
+    names = run_block("encoding", {})
+    assert float((names["back"] - names["x0"]).square().mean().sqrt()) < 1e-3  # the round trip the README claims
+    assert names["path"].shape == (5, 3, 8, 8)
+    torch.testing.assert_close(names["path"][[0, -1]], names["z"])  # the path runs from one encoding to the other
+    torch.testing.assert_close(names["between"][[0, -1]], names["x0"], atol=1e-3, rtol=0)
+
+
+def test_the_sharded_generation_commands_name_real_options():
+    """The bash block's commands parse (torchrun's own options aside)."""
+    import argparse
+
+    from genie_kernels.cli import sample as cli_sample
+
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", README, flags=re.S) if "--num-samples" in b]
+    commands = [line.split("-m genie_kernels sample", 1)[1].split() for line in block.replace("\\\n", " ").splitlines()
+                if "-m genie_kernels sample" in line]
+    assert len(commands) == 2
+    parser = argparse.ArgumentParser()
+    cli_sample.add_arguments(parser)
+    for argv in commands:
+        args = parser.parse_args(argv)
+        assert args.num_samples == 50000 and args.out_dir
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the GenieSampler example captures a CUDA graph")

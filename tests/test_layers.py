@@ -29,7 +29,7 @@ LAYERS = (
     ("models", ("genie_kernels.models",)),
     ("heads", ("genie_kernels.heads",)),
     ("fast", ("genie_kernels.fast",)),
-    ("sampling", ("genie_kernels.sampling",)),
+    ("sampling", ("genie_kernels.sampling", "genie_kernels.encoding")),
     ("integrations", ("genie_kernels.scheduler", "genie_kernels.k_diffusion")),
     ("export", ("genie_kernels.aot_export",)),
     ("zoo", ("genie_kernels.zoo",)),

@@ -11,6 +11,10 @@ For a class-conditional model, ``--digits 0123456789`` writes one row per digit 
 samples per row, default 8) and ``--guidance W`` applies classifier-free guidance of scale W
 (``--guidance-interval LO,HI``: only for t in that range); without ``--digits`` it samples
 unconditionally.
+
+``--num-samples N --out-dir DIR`` writes N samples as uint8 shards instead of one image, in
+one process or under ``torchrun --nproc-per-node W`` (each rank its own shards, the same
+samples for any W; a rerun resumes; see :mod:`genie_kernels.cli.shards`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..ode.solvers import SOLVERS
 from ..plotting import IMAGE_SUFFIXES, image_grid, scatter_panels
 from ..sampling import BACKENDS, resolve_backend, sample
 from . import device_from_option, int_at_least, output_file
+from .shards import Ranks, check_out_dir, generate, write_manifest
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -59,6 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --digits: classifier-free guidance scale w, eps_u + w (eps_c - eps_u) (default 1: conditional)")
     p.add_argument("--guidance-interval", default=None,
                    help="with --guidance: LO,HI, guide only for t in [LO, HI] (default: every step)")
+    p.add_argument("--num-samples", type=int_at_least(1), default=None,
+                   help="with --out-dir: how many samples to write, in shards (e.g. 50000 for an FID evaluation)")
+    p.add_argument("--out-dir", default=None,
+                   help="write --num-samples samples to this folder as shard_NNNNN.npz files (uint8 images, labels, "
+                        "seeds) and a manifest.json instead of one image; a rerun resumes; runs under torchrun")
+    p.add_argument("--shard-size", type=int_at_least(1), default=1000,
+                   help="with --out-dir: samples per shard file (default 1000), sampled in batches of --batch")
 
 
 def seed_value(text: str) -> int:
@@ -78,6 +90,13 @@ def run(args) -> int:
         device = device_from_option(args.device)
         if args.threads:
             torch.set_num_threads(args.threads)
+        if (args.num_samples is None) != (args.out_dir is None):
+            raise ValueError("--num-samples and --out-dir go together: the number of samples and the folder of "
+                             "their shards")
+        if args.out_dir is not None:
+            if args.model == "toy2d":
+                raise ValueError("--out-dir writes image shards; --model toy2d draws points")
+            check_out_dir(args.out_dir)
         return run_toy(args, device) if args.model == "toy2d" else run_model(args, device)
     except (ValueError, TypeError) as err:  # CheckpointError is a ValueError
         print(f"sample: error: {err}", file=sys.stderr)
@@ -87,6 +106,13 @@ def run(args) -> int:
 def run_model(args, device: torch.device) -> int:
     from ..zoo.pretrained import load_pretrained
 
+    if args.out_dir is not None:
+        ranks = Ranks(device)  # under torchrun: the process group, and this rank's CUDA device
+        try:
+            return run_sharded(args, ranks, *load_pretrained(args.model, device=ranks.device,
+                                                              with_head=args.solver == "genie"))
+        finally:
+            ranks.close()
     model, head, schedule = load_pretrained(args.model, device=device, with_head=args.solver == "genie")
     dtype = getattr(torch, args.dtype)
     model = model.to(dtype)
@@ -127,6 +153,41 @@ def run_model(args, device: torch.device) -> int:
                       "both halves)" if args.guidance != 1.0 else f" digits={args.digits}")
     print(f"solver={args.solver} steps={steps} afs={not args.no_afs} striding={striding} NFE={nfe:g}{head_note} "
           f"({batch} samples, {args.dtype}, {seconds:.2f} s on {device}) -> {args.out}")
+    return 0
+
+
+def run_sharded(args, ranks: Ranks, model, head, schedule) -> int:
+    """``--num-samples`` samples into ``--out-dir``'s shards; rank 0 writes the manifest at the end."""
+    device, dtype = ranks.device, getattr(torch, args.dtype)
+    model, head = model.to(dtype), (head.to(dtype) if head is not None else None)
+    digits, guidance = _conditions(args)
+    settings = {"model": args.model, "solver": args.solver, "steps": 10 if args.steps is None else args.steps,
+                "afs": not args.no_afs, "striding": args.striding or "uniform", "seed": args.seed,
+                "num_samples": args.num_samples, "shard_size": args.shard_size,
+                "batch": 64 if args.batch is None else args.batch, "dtype": args.dtype, "backend": args.backend,
+                "digits": args.digits, "guidance": args.guidance, "guidance_interval": args.guidance_interval}
+
+    def draw(noise, labels):
+        return sample(model, noise.to(device, dtype), settings["steps"], solver=args.solver, head=head,
+                      schedule=schedule, afs=settings["afs"], striding=settings["striding"], backend=args.backend,
+                      cond=None if labels is None else labels.to(device), **guidance)
+
+    def labels_of(indices):
+        return None if digits is None else digits[torch.tensor(list(indices)) % digits.numel()]
+
+    out_dir, error = check_out_dir(args.out_dir), None
+    start = time.perf_counter()
+    try:
+        counts = generate(out_dir, settings, ranks, draw, (model.in_channels, model.image_size, model.image_size),
+                          labels_of, lambda line: print(line, flush=True))
+    except (ValueError, TypeError, OSError) as err:
+        error = err
+    if not ranks.all_ok(error is None):
+        raise error or ValueError("another rank failed (see its error); rerun the same command to resume")
+    print(f"rank {ranks.rank}/{ranks.world}: made {counts['made']} shards, {counts['skipped']} were already there "
+          f"({time.perf_counter() - start:.1f} s on {device})")
+    if ranks.rank == 0:
+        print(f"{args.num_samples} samples -> {write_manifest(out_dir, settings)}")
     return 0
 
 

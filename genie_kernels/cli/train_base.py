@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ..checkpoint import CheckpointError
 from ..models.unet import PRETRAINED_DIR, TIME_INPUTS
@@ -103,7 +104,8 @@ def run(args) -> int:
                      "split": "train", "count": int(images.shape[0]), "pad": args.pad}
         result = train_base(images, args.out, unet_config, config, resume=args.resume, ckpt_every=args.ckpt_every,
                             sample_every=args.sample_every, data_info=data_info, command=command,
-                            progress=not args.no_progress, labels=labels if args.num_classes else None)
+                            progress=not args.no_progress, labels=labels if args.num_classes else None,
+                            log=lambda line: tqdm.write(line, file=sys.stderr))
     except (CheckpointError, MNISTError, TrainingError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

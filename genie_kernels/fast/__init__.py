@@ -33,6 +33,8 @@ def triton_status(device: torch.device | str = "cuda") -> tuple[bool, str]:
     """``(usable, reason)`` for running the Triton kernels on ``device``."""
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed"
+    if not hasattr(torch.library, "triton_op"):  # arrived in torch 2.6, the oldest the package supports
+        return False, f"torch {torch.__version__} has no torch.library.triton_op (torch 2.6 or newer needed)"
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import shutil
-import sys
 import threading
 from pathlib import Path
 
@@ -48,7 +48,8 @@ NO_JIT = "no prebuilt genie_kernels._C and JIT builds are off (GENIE_KERNELS_NO_
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 LD_FLAGS = ["-fopenmp"]
 CUDA_FLAGS = ["-O3", "--fmad=false"]
-BUILD_NOTICE_AFTER_S = 2.0  # a JIT load slower than this is a build: say so on stderr
+BUILD_NOTICE_AFTER_S = 2.0  # a JIT load slower than this is a build: say so (a logged warning)
+LOGGER = logging.getLogger(__name__)
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -114,7 +115,7 @@ def _jit_build() -> None:
     sources = [str(CPP_SOURCE)] + ([str(CUDA_SOURCE)] if _cuda_build() else [])
     # An up-to-date earlier build loads in well under a second: the notice shows only when ninja compiles.
     message = "genie_kernels: building the C++ extension (once, about a minute; cached afterwards)…"
-    notice = threading.Timer(BUILD_NOTICE_AFTER_S, print, [message], {"file": sys.stderr, "flush": True})
+    notice = threading.Timer(BUILD_NOTICE_AFTER_S, LOGGER.warning, [message])  # warning: shown unconfigured
     notice.daemon = True
     notice.start()
     try:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from ..cost import RelativeCost
 from ..ode.protocol import ModelOutput, state_dtype
+from .storage import read_head, write_head_folder
 
 
 # Frequencies of the sinusoidal log γ embedding: geometric between these (radians per
@@ -117,6 +118,20 @@ class _HeadBase(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
+
+    def save_pretrained(self, folder, model=None):
+        """Save the head as a folder, ``head.safetensors`` and its config ``head.json`` (each
+        written atomically), tied to ``model`` (else to the model it was loaded or distilled
+        for); load it with :meth:`from_pretrained` or :func:`genie_kernels.load_head`.
+        Returns the folder's path."""
+        return write_head_folder(self, folder, model)
+
+    @classmethod
+    def from_pretrained(cls, folder, model=None, device=None) -> "_HeadBase":
+        """A head of this class saved by :meth:`save_pretrained` (or a distilled checkpoint);
+        with ``model``, refused unless it was saved for that model (or a half-precision or
+        compiled copy of it)."""
+        return read_head(folder, cls.from_config, model=model, device=device)
 
     @staticmethod
     def _check_eps(x: Tensor, out: ModelOutput) -> None:

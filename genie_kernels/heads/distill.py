@@ -47,7 +47,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..checkpoint import load_checkpoint, restore_training, save_checkpoint, training_tensors
+from ..checkpoint import load_checkpoint, read_config, restore_training, save_checkpoint, training_tensors
 from ..ode.derivative import exact_deps_dgamma
 from ..ode.guidance import GuidedModel
 from ..ode.protocol import as_model
@@ -55,7 +55,7 @@ from ..ode.schedules import VPSchedule, schedule_of
 from .cost import head_cost
 from .data import (check_conditions, data_sampler, format_validation, hold_out, noisy_batch, noisy_conditional_batch,
                    paired_sampler, probe_model, relative_errors, validation_set, weighted_loss)
-from .files import FORMAT, model_identity, stored_cost
+from .storage import FORMAT, model_identity, stored_cost
 from .recipe import LR_SCHEDULES, any_rank, check_new_output, check_settings, kept_checkpoint, learning_rate
 
 __all__ = ["LR_SCHEDULES", "DistillResult", "NonFiniteLossError", "check_new_output", "distill"]
@@ -207,6 +207,9 @@ def distill(
     start = 0
 
     if resume and out is not None and out.exists():
+        stored = read_config(out).get("base_model")
+        if isinstance(stored, dict) and "sha256" in stored and stored.items() <= expect["base_model"].items():
+            expect["base_model"] = stored  # written before the rounded digests: the same exact weights
         tensors, config = load_checkpoint(out, expect=expect)
         start = int(config["step"])
         losses = restore_training(tensors, out, start, optimizer, gen, **_run_state(head, ema_head))
@@ -333,4 +336,5 @@ def distill(
     if world > 1:
         dist.barrier()
     final = ema_head if ema_head is not None else head
+    final.base_model = expect["base_model"]  # what save_pretrained records
     return DistillResult(final.eval(), losses, validation, last)

@@ -69,6 +69,16 @@ def _contiguous_input(module, args):
     return (args[0].contiguous(),) + tuple(args[1:])
 
 
+def uncompiled(module: nn.Module) -> nn.Module:
+    """The module that ``torch.compile(module)`` wraps (its ``_orig_mod``), else ``module``.
+
+    A compiled module (an ``OptimizedModule``) shares its original's parameters, layers and
+    hooks, and calls them through the compiled code: hooks and configs are looked up on
+    the original, calls go through the compiled one."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
 class HookedModel(EpsModel):
     """Generic adapter: ``network(x, time_input(t))`` is ε; hooks collect features and temb.
 
@@ -123,7 +133,7 @@ class HookedModel(EpsModel):
         self.jvp_safe = jvp_safe
         self._captures: dict[int, dict] = {}  # thread id -> what the hooks caught in that thread's call
         self._handles = []
-        layers = dict(network.named_modules())
+        layers = dict(uncompiled(network).named_modules())  # a compiled network's layers are its original's
         for role, name in (("feature_layer", feature_layer), ("temb_layer", temb_layer)):
             if name is not None and name not in layers:
                 raise ValueError(f"{role} {name!r} is not a layer of {type(network).__name__}; "
@@ -137,7 +147,7 @@ class HookedModel(EpsModel):
         if temb_layer is not None:
             self._handles.append(layers[temb_layer].register_forward_hook(lambda m, args, out: self._capture("temb", out)))
         if jvp_safe:
-            for module in network.modules():
+            for module in uncompiled(network).modules():
                 if isinstance(module, nn.GroupNorm):
                     self._handles.append(module.register_forward_pre_hook(_contiguous_input))
         self.feature_layer, self.temb_layer = feature_layer, temb_layer

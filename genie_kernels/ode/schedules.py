@@ -297,11 +297,18 @@ def check_t_end(t_end) -> None:
         raise ValueError(f"t_end must lie in (0, 1), got {t_end!r}")
 
 
-def checked_grid(ts, *, may_end_at_zero: bool = False) -> Tensor:
+def checked_grid(ts, *, may_end_at_zero: bool = False, increasing: bool = False) -> Tensor:
     """``ts`` as a float64 tensor, checked to be a decreasing grid of at least 2 times in (0, 1]
-    (``may_end_at_zero``: its last time may be 0, where a solver only arrives)."""
+    (``may_end_at_zero``: its last time may be 0, where a solver only arrives); with
+    ``increasing``, a strictly increasing grid in (0, 1] instead (encoding: data → noise)."""
     ts = torch.as_tensor(ts, dtype=torch.float64)
-    ok = ts.dim() == 1 and ts.numel() >= 2 and bool((ts[1:] < ts[:-1]).all()) and float(ts[0]) <= 1.0
+    ok = ts.dim() == 1 and ts.numel() >= 2
+    if ok and increasing:
+        ok = bool((ts[1:] > ts[:-1]).all()) and float(ts[0]) > 0.0 and float(ts[-1]) <= 1.0
+        if not ok:
+            raise ValueError(f"ts must be an increasing grid of at least 2 times in (0, 1], got {ts.tolist()}")
+        return ts
+    ok = ok and bool((ts[1:] < ts[:-1]).all()) and float(ts[0]) <= 1.0
     if not (ok and (float(ts[-1]) >= 0.0 if may_end_at_zero else float(ts[-1]) > 0.0)):
         interval = "[0, 1]" if may_end_at_zero else "(0, 1]"
         raise ValueError(f"ts must be a decreasing grid of at least 2 times in {interval}, got {ts.tolist()}")

@@ -2,7 +2,10 @@
 
 All solvers integrate ``dx̄/dγ = ε(x, t)``, ``x = x̄ / sqrt(1+γ²)``, over the grid
 ``γ_0 > γ_1 > … > γ_N`` given by decreasing times ``ts`` (float64), with steps
-``h_n = γ_{n+1} − γ_n < 0``.  They differ only in the Taylor terms they keep:
+``h_n = γ_{n+1} − γ_n < 0``.  Given an increasing grid they integrate the same ODE
+forwards, from data towards noise (``h_n > 0``, encoding: :func:`genie_kernels.encode`);
+the Taylor steps hold in either direction, but ``afs`` and ``denoise`` belong to the way
+back and are refused there.  They differ only in the Taylor terms they keep:
 
 =============  ======================================================================
 ``ddim``       TTM1 (Euler in γ):         ``x̄ ← x̄ + h ε``
@@ -177,12 +180,15 @@ class StepGrid(NamedTuple):
 
 
 def step_grid(ts, schedule: VPSchedule) -> StepGrid:
-    """The :class:`StepGrid` of the decreasing times ``ts`` under ``schedule`` (``ts`` may
-    already be one, and is then returned as it is)."""
+    """The :class:`StepGrid` of the times ``ts`` under ``schedule``: decreasing (sampling) or
+    increasing (encoding, :func:`genie_kernels.encode`); ``ts`` may already be one, and is
+    then returned as it is."""
     if isinstance(ts, StepGrid):
         return ts
     check_schedule(schedule)
-    ts = checked_grid(ts, may_end_at_zero=True)
+    ts = torch.as_tensor(ts, dtype=torch.float64)
+    encoding = ts.dim() == 1 and ts.numel() >= 2 and bool(ts[1] > ts[0])  # an increasing grid: data → noise
+    ts = checked_grid(ts, may_end_at_zero=True, increasing=encoding)
     gammas = schedule.gamma(ts)
     return StepGrid(ts, gammas, tuple(ts.tolist()), tuple(gammas.tolist()))
 
@@ -191,12 +197,17 @@ class _Trajectory:
     """State shared by the solver loops: x̄ (in ``state_dtype``), x (the noise's dtype), the γ
     grid and the NFE count."""
 
-    def __init__(self, model, noise: Tensor, ts, schedule: VPSchedule, guidance: Guidance | None = None):
+    def __init__(self, model, noise: Tensor, ts, schedule: VPSchedule, guidance: Guidance | None = None,
+                 *, afs: bool = False, denoise: bool = False):
         check_schedule(schedule)
         self.model = as_model(model)
         self.guided = None if guidance is None else guided_models(self.model, guidance, noise)
         self.grid = step_grid(ts, schedule)
         self.ts, self.gammas = self.grid.ts, self.grid.gammas
+        encoding = self.grid.t_values[1] > self.grid.t_values[0]  # data → noise
+        if encoding and (afs or denoise):
+            raise ValueError(f"an increasing grid (encoding, data → noise) takes neither afs nor denoise, which "
+                             f"start from pure noise and end at the data; got afs={afs}, denoise={denoise}")
         self.steps = self.ts.numel() - 1
         self.state_dtype = state_dtype(noise.dtype)
         self.x = noise
@@ -252,7 +263,7 @@ def ddim(model, noise: Tensor, ts: Tensor, schedule: VPSchedule, *, afs=False, d
          guidance: Guidance | None = None) -> SolverOutput:
     """DDIM, the first truncated Taylor method: ``x̄_{n+1} = x̄_n + h_n ε_n``."""
     check_solver_arguments(noise, afs, denoise)
-    traj = _Trajectory(model, noise, ts, schedule, guidance)
+    traj = _Trajectory(model, noise, ts, schedule, guidance, afs=afs, denoise=denoise)
     rule = StepRule("ddim", traj.grid.gamma_values)
     for n in range(traj.steps):
         eps = analytic_eps(traj.x, traj.gammas[n]) if afs and n == 0 else traj.model_output(n).eps
@@ -284,7 +295,7 @@ def genie(
     check_solver_arguments(noise, afs, denoise)
     if not callable(head):
         raise TypeError(f"genie needs a distilled head, head(x, out, gamma) -> dε/dγ; got {type(head).__name__}")
-    traj = _Trajectory(model, noise, ts, schedule, guidance)
+    traj = _Trajectory(model, noise, ts, schedule, guidance, afs=afs, denoise=denoise)
 
     def derivative(n):
         call = traj.guided_call(n)
@@ -310,7 +321,7 @@ def genie_exact(
     guidance both differentiate the guided ε_w, each one call of batch 2B.
     """
     check_solver_arguments(noise, afs, denoise)
-    traj = _Trajectory(model, noise, ts, schedule, guidance)
+    traj = _Trajectory(model, noise, ts, schedule, guidance, afs=afs, denoise=denoise)
 
     def derivative(n):
         out, deps = exact_deps_dgamma(traj.model_at(n), traj.x, traj.gamma_batch(n), schedule, traj.model_output(n))
@@ -339,7 +350,7 @@ def adams_bashforth(
     check_solver_arguments(noise, afs, denoise)
     if order not in (1, 2, 3):
         raise ValueError(f"Adams-Bashforth order must be 1, 2 or 3, got {order}")
-    traj = _Trajectory(model, noise, ts, schedule, guidance)
+    traj = _Trajectory(model, noise, ts, schedule, guidance, afs=afs, denoise=denoise)
     rule = StepRule(f"ab{order}" if order > 1 else "ddim", traj.grid.gamma_values)
     for n in range(traj.steps):
         eps = analytic_eps(traj.x, traj.gammas[n]) if afs and n == 0 else traj.model_output(n).eps

@@ -200,7 +200,13 @@ def test_solvers_called_directly_check_their_grid_and_schedule(image_mix, image_
     torch.testing.assert_close(run(image_mix, image_noise, ts.tolist(), schedule).sample,
                                run(image_mix, image_noise, ts, schedule).sample, rtol=0, atol=0)
     with pytest.raises(ValueError, match="decreasing grid"):
-        run(image_mix, image_noise, ts.flip(0), schedule)
+        run(image_mix, image_noise, torch.tensor([1.0, 0.2, 0.5], dtype=torch.float64), schedule)
+    with pytest.raises(ValueError, match="increasing grid"):
+        run(image_mix, image_noise, torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64), schedule)
+    # an increasing grid is encoding, data → noise (gk.encode runs these functions on the reversed grid)
+    encoded = run(image_mix, image_noise, ts.flip(0), schedule).sample
+    torch.testing.assert_close(encoded, gk.encode(image_mix, image_noise, timesteps=ts.flip(0).tolist(), solver=solver),
+                               rtol=0, atol=0)
     with pytest.raises(TypeError, match="schedule must be a VPSchedule instance"):
         run(image_mix, image_noise, ts, type(schedule))
 
@@ -249,5 +255,6 @@ def test_step_grid_holds_the_grid_as_host_floats_and_solvers_take_it(image_mix, 
         fn = getattr(gk, solver)
         assert torch.equal(fn(image_mix, image_noise, grid, schedule, afs=True).sample,
                            fn(image_mix, image_noise, ts, schedule, afs=True).sample)
-    with pytest.raises(ValueError, match="decreasing grid"):
-        step_grid(ts.flip(0), schedule)
+    assert step_grid(ts.flip(0), schedule).t_values == tuple(ts.flip(0).tolist())  # an encoding grid
+    with pytest.raises(ValueError, match="grid"):
+        step_grid(torch.tensor([1.0, 0.2, 0.5], dtype=torch.float64), schedule)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import logging
 import math
 import platform
 import sys
@@ -47,6 +48,8 @@ from ...models.unet import PRETRAINED_DIR, TRAIN_KIND, UNET_KIND, UNet
 from ...ode.schedules import schedule_from_config
 from ...plotting import image_grid
 from ...sampling import sample
+
+LOGGER = logging.getLogger(__name__)  # the default log of train_base; the command line writes beside its bar
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MAX_SHIPPED_BYTES = 10 * 1024 * 1024
@@ -161,11 +164,12 @@ def train_base(
     ``out_dir/samples_<step>.png`` (64 digits, DDIM 20 steps, EMA weights, fixed noise)
     every ``sample_every`` steps and at the end (0 disables them).  With ``resume`` the run
     continues from that checkpoint, whose config must match (only ``steps`` may differ);
-    without it an existing checkpoint is never overwritten.
+    without it an existing checkpoint is never overwritten.  ``log(line)`` receives the
+    progress lines (default: this module's ``logging`` logger at INFO).
     """
     out_dir = Path(out_dir)
     ckpt_path = out_dir / CHECKPOINT_NAME
-    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
+    log = log or LOGGER.info
     if images.dim() != 4 or not images.is_floating_point() or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty float tensor (N, C, H, W), got {tuple(images.shape)} {images.dtype}")
     check_int("ckpt_every", ckpt_every, 0)
