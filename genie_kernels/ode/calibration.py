@@ -64,6 +64,26 @@ def _solver(solver: str, head):
     return lambda model, x, ts, schedule, afs: fn(model, x, ts, schedule, head, afs=afs)
 
 
+def equidistribute(idx: list[int], errors: list[float], gammas: Tensor, q: float) -> list[int]:
+    """The grid (indices into the candidate γ values ``gammas``) that splits the error
+    integral ``∫ρ dγ`` into equal parts, ``ρ = e_n^{1/q} / |Δγ_n|`` on the steps of grid
+    ``idx`` with local errors ``errors``; same number of steps, same first and last index,
+    strictly increasing."""
+    steps, last = len(idx) - 1, gammas.numel() - 1
+    weight = torch.zeros(last, dtype=torch.float64)  # ∫ρ dγ over each candidate interval
+    for (i, j), e in zip(zip(idx[:-1], idx[1:]), errors):
+        weight[i:j] = max(e, 1e-300) ** (1.0 / q) * (gammas[i:j] - gammas[i + 1:j + 1]) / (gammas[i] - gammas[j])
+    cumulative = torch.cat([weight.new_zeros(1), weight.cumsum(0)])
+    quantiles = torch.linspace(0.0, float(cumulative[-1]), steps + 1, dtype=torch.float64)
+    above = torch.searchsorted(cumulative, quantiles).clamp(1, last)  # the candidate nearest each quantile
+    nearer_below = (quantiles - cumulative[above - 1]) < (cumulative[above] - quantiles)
+    chosen = torch.where(nearer_below, above - 1, above).tolist()
+    chosen[0], chosen[-1] = idx[0], idx[-1]
+    for n in range(1, steps):  # strictly increasing, leaving room for the steps after
+        chosen[n] = min(max(chosen[n], chosen[n - 1] + 1), last - (steps - n))
+    return chosen
+
+
 @torch.no_grad()
 def calibrated_grid(model, noise: Tensor, steps: int, *, solver: str = "genie", head=None,
                     schedule: VPSchedule | None = None, t_end: float = 1e-3, afs: bool = False,
@@ -93,19 +113,6 @@ def calibrated_grid(model, noise: Tensor, steps: int, *, solver: str = "genie", 
         out = solve(model, noise, ts, schedule, afs=afs).sample
         return rmse(out, target) if torch.isfinite(out).all() else float("inf")
 
-    def equidistributed(idx: list[int], errors: list[float]) -> list[int]:
-        weight = torch.zeros(resolution, dtype=torch.float64)  # ∫ρ dγ over each candidate interval
-        for (i, j), e in zip(zip(idx[:-1], idx[1:]), errors):
-            span = gammas[i] - gammas[j]
-            weight[i:j] = max(e, 1e-300) ** (1.0 / q) * (gammas[i:j] - gammas[i + 1:j + 1]) / span
-        cumulative = torch.cat([weight.new_zeros(1), weight.cumsum(0)])
-        quantiles = torch.linspace(0.0, float(cumulative[-1]), steps + 1, dtype=torch.float64)
-        chosen = torch.searchsorted(cumulative, quantiles).clamp(0, resolution).tolist()
-        chosen[0], chosen[-1] = 0, resolution
-        for n in range(1, steps):  # strictly increasing, leaving room for the steps after
-            chosen[n] = min(max(chosen[n], chosen[n - 1] + 1), resolution - (steps - n))
-        return chosen
-
     candidates: dict[str, float] = {}
     grids: dict[str, Tensor] = {}
     for striding in STRIDINGS:
@@ -113,7 +120,7 @@ def calibrated_grid(model, noise: Tensor, steps: int, *, solver: str = "genie", 
         candidates[striding] = whole_solve(grids[striding])
     idx = [round(resolution * n / steps) for n in range(steps + 1)]  # the quadratic grid, on candidates
     for k in range(iterations):
-        idx = equidistributed(idx, local_errors(idx))
+        idx = equidistribute(idx, local_errors(idx), gammas, q)
         grids[f"equidistributed {k + 1}"] = fine[idx]
         candidates[f"equidistributed {k + 1}"] = whole_solve(fine[idx])
     best = min(candidates, key=candidates.get)
