@@ -7,7 +7,7 @@ fixed-step loop into one ahead-of-time package (``.pt2``) that a C++ program run
 
 What runs inside is the reference solver loop of :mod:`genie_kernels.ode.solvers`, the
 code ``sample(..., backend="reference")`` runs, traced by ``torch.export`` on a
-:class:`~genie_kernels.ode.solvers.StepGrid` built beforehand: every step is unrolled, and
+:class:`~genie_kernels.ode.steps.StepGrid` built beforehand: every step is unrolled, and
 the grid's ``t_n``, ``γ_n``, step sizes ``h_n = γ_{n+1} − γ_n`` and scales
 ``1/sqrt(1 + γ_n²)`` are constants of the graph.  Per step, as in ``sample()``:
 
@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .checks import check_bool, check_device, check_int, dtype_from_name
 from .ode import solvers
+from .ode.steps import StepGrid, step_grid
 from .ode.protocol import as_model
 from .ode.schedules import DEFAULT_STRIDING, STRIDINGS, VPSchedule, check_steps, check_t_end, schedule_of, time_grid
 
@@ -60,7 +61,7 @@ class UnrolledSampler(nn.Module):
     for bit (same code, same grid); :func:`export` traces this module.
     """
 
-    def __init__(self, model, solver: str, grid: solvers.StepGrid, schedule: VPSchedule, head=None, afs: bool = False):
+    def __init__(self, model, solver: str, grid: StepGrid, schedule: VPSchedule, head=None, afs: bool = False):
         super().__init__()
         self.model = as_model(model)
         self.head = head
@@ -182,7 +183,7 @@ def export(
     _check_on_device(head, "head", device, dtype)
 
     schedule = schedule_of(model, schedule)
-    grid = solvers.step_grid(time_grid(schedule, steps, t_end, striding), schedule)
+    grid = step_grid(time_grid(schedule, steps, t_end, striding), schedule)
     sampler = UnrolledSampler(model, solver, grid, schedule, head, afs)
     noise = torch.randn(batch, *shape, dtype=dtype, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():

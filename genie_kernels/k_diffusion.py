@@ -8,7 +8,7 @@ other units: with ``γ = σ_t / α_t``,
     x_VE = x_VP / α = x_VP √(1 + γ²) = x̄,   σ_VE = γ,   D(x̄, γ) = x̄ − γ ε(x̄ / √(1 + γ²), t(γ)),
 
 so k-diffusion's state *is* the DDIM ODE's x̄, and ``ε = (x̄ − D) / γ``.  The samplers here
-take those ε through :class:`~genie_kernels.ode.solvers.StepRule`, the updates of
+take those ε through :class:`~genie_kernels.ode.steps.StepRule`, the updates of
 :func:`genie_kernels.sample`; the step to σ = 0 returns the denoised ``D`` (the DDIM step
 to γ = 0, ``sample(..., denoise=True)``'s last call).  On the same grid
 (``sigmas = γ(ts)``) and the same start (``x = noise · √(1 + γ_0²)``; k-diffusion's own
@@ -30,7 +30,7 @@ from .checks import check_noise
 from .heads.base import check_head_needs_no_features
 from .ode.protocol import ModelOutput, as_model, checked_call, state_dtype
 from .ode.schedules import VPSchedule, schedule_of
-from .ode.solvers import StepRule, unscaled_state
+from .ode.steps import StepRule, unscaled_state
 
 
 class VPDenoiser(nn.Module):

@@ -3,7 +3,7 @@
 A diffusers pipeline owns the loop: it asks the scheduler for ``timesteps``, calls the
 network at each and hands its output to ``step``, which returns the next sample.  This
 scheduler steps the DDIM ODE ``dx̄/dγ = ε(x, t)`` with the updates of
-:class:`~genie_kernels.ode.solvers.StepRule` (ddim, ab2, ab3, or genie with a head), the
+:class:`~genie_kernels.ode.steps.StepRule` (ddim, ab2, ab3, or genie with a head), the
 same code :func:`genie_kernels.sample` runs, so that a pipeline and ``sample()`` on the
 same model, noise and settings give the same samples to float rounding.
 
@@ -51,7 +51,7 @@ from .ode.predictions import check_prediction_type, eps_at_t
 from .ode.protocol import ModelOutput, state_dtype
 from .ode.schedules import (DEFAULT_STRIDING, STRIDINGS, DiscreteVPSchedule, check_steps, check_t_end,
                             grid_from_timesteps, noise_to, time_grid)
-from .ode.solvers import StepRule, denoised_state, scaled_state, unscaled_state
+from .ode.steps import StepRule, denoised_state, scaled_state, unscaled_state
 
 SCHEDULER_SOLVERS = ("ddim", "ab2", "ab3", "genie")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")

@@ -30,7 +30,8 @@ from ..heads.conv import ConvHead
 from ..ode.guidance import GuidedCall, GuidedModel, GuidedModels, guided_derivative
 from ..ode.protocol import EpsModel, as_model, checked_call, state_dtype
 from ..ode.schedules import VPSchedule
-from ..ode.solvers import Callback, SolverOutput, analytic_eps
+from ..ode.solvers import Callback, SolverOutput
+from ..ode.steps import analytic_eps
 
 SOLVERS = ("ddim", "ab2", "genie")  # genie with a ConvHead
 

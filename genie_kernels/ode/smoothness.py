@@ -33,7 +33,8 @@ from .derivative import exact_deps_dgamma
 from .ground_truth import ode_solution, rmse
 from .protocol import as_model, checked_call
 from .schedules import VPSchedule, schedule_of, time_grid
-from .solvers import analytic_eps, ddim, genie_exact
+from .solvers import ddim, genie_exact
+from .steps import analytic_eps
 
 PROBE_TIMES = (0.9, 0.5, 0.2, 0.1, 0.02)
 SECANT_WIDTHS = (1e-3, 3e-3, 1e-2)

@@ -43,8 +43,7 @@ is one call (its cost, about three forward passes by FLOPs, is measured by
 
 from __future__ import annotations
 
-import math
-from typing import Callable, NamedTuple, Optional, Protocol, Sequence
+from typing import Callable, NamedTuple, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -53,7 +52,8 @@ from ..checks import check_bool, check_noise
 from .derivative import exact_deps_dgamma
 from .guidance import Guidance, GuidedCall, GuidedModel, guided_derivative, guided_models
 from .protocol import ModelOutput, as_model, checked_call, state_dtype
-from .schedules import VPSchedule, check_schedule, checked_grid
+from .schedules import VPSchedule, check_schedule
+from .steps import StepGrid, StepRule, analytic_eps, denoised_state, scaled_state, step_grid, unscaled_state  # noqa: F401
 
 Callback = Optional[Callable[[dict], None]]
 
@@ -73,124 +73,12 @@ class DerivativeHead(Protocol):
     def __call__(self, x: Tensor, out: ModelOutput, gamma: Tensor) -> Tensor: ...
 
 
-def analytic_eps(x: Tensor, gamma: Tensor) -> Tensor:
-    """ε of pure Gaussian noise at ``γ``: ``σ x = γ/sqrt(1+γ²) · x`` (the analytic first step).
-
-    ``gamma`` is a 0-dim tensor (on x's device or the CPU); no value goes to the host.
-    """
-    return x * (gamma * torch.rsqrt(1.0 + gamma * gamma)).to(x.dtype)
-
-
 def check_solver_arguments(noise, afs, denoise) -> None:
     """What every solver takes: floating noise shaped (B, ...) (not checked for NaN: no host
     sync here), and ``afs`` and ``denoise`` that are bools."""
     check_noise(noise, finite=False)
     check_bool("afs", afs)
     check_bool("denoise", denoise)
-
-
-def scaled_state(x: Tensor, gamma: float | Tensor) -> Tensor:
-    """``x̄ = x √(1 + γ²)`` (that is ``x / α``) in the state's dtype (:func:`state_dtype`).
-
-    ``gamma`` is a float or a 0-dim tensor; the scale is computed on the host in float64,
-    so a traced loop (:mod:`genie_kernels.aot_export`) given floats reads no tensor."""
-    g = float(gamma)
-    return x.to(state_dtype(x.dtype)) * math.sqrt(1.0 + g * g)
-
-
-def unscaled_state(xbar: Tensor, gamma: float | Tensor, dtype: torch.dtype) -> Tensor:
-    """The network's input ``x = x̄ / √(1 + γ²)`` in ``dtype``."""
-    g = float(gamma)
-    return (xbar * (1.0 / math.sqrt(1.0 + g * g))).to(dtype)
-
-
-def denoised_state(xbar: Tensor, gamma: float | Tensor, eps: Tensor, dtype: torch.dtype) -> Tensor:
-    """The denoising step ``x̂₀ = x̄ − γ ε`` (the DDIM step to γ = 0), in ``dtype``."""
-    return (xbar - float(gamma) * eps.to(xbar.dtype)).to(dtype)
-
-
-class StepRule:
-    """The update of x̄ over one step of one solver: the only place the updates are written.
-
-    ``increment(n, ε_n, dε/dγ_n)`` is what step ``n`` adds to x̄ on the float64 grid
-    ``gammas`` (``h_n = γ_{n+1} − γ_n``), with ε and dε/dγ already in the state's dtype:
-
-    * ``ddim``: ``h ε``;
-    * ``genie`` / ``genie_exact``: ``h ε + ½ h² dε/dγ`` (without dε/dγ, as in an analytic
-      first step: ``h ε``);
-    * ``ab2`` / ``ab3``: ``h ε + ½ h² p′(γ_n) + ⅙ h³ p″(γ_n)`` from the Newton interpolant
-      ``p`` of the last 2 or 3 ε in γ (see :func:`adams_bashforth`); the rule keeps that
-      history itself, so it must see every step in order.
-
-    The solver loops below, :class:`genie_kernels.GenieScheduler` and
-    :mod:`genie_kernels.k_diffusion` all step through it.
-    """
-
-    ORDERS = {"ddim": 1, "genie": 1, "genie_exact": 1, "ab2": 2, "ab3": 3}
-
-    def __init__(self, solver: str, gammas: Tensor | Sequence[float]):
-        if solver not in self.ORDERS:
-            raise ValueError(f"unknown solver {solver!r}; choose one of {tuple(self.ORDERS)}")
-        # host floats: the steps read no tensor (a traced loop passes StepGrid.gamma_values)
-        self.solver = solver
-        self.gammas = tuple(gammas.tolist()) if isinstance(gammas, Tensor) else tuple(float(g) for g in gammas)
-        self.history_length = self.ORDERS[solver]
-        self.history: list[Tensor] = []  # ε_n, ε_{n−1}, ε_{n−2} (Adams–Bashforth only)
-        self.next_step = 0
-
-    def h(self, n: int) -> float:
-        return self.gammas[n + 1] - self.gammas[n]
-
-    def increment(self, n: int, eps: Tensor, deps: Tensor | None = None) -> Tensor:
-        if n != self.next_step and self.history_length > 1:
-            raise RuntimeError(f"{self.solver} keeps a history of ε and must take the steps in order: step {n} "
-                               f"came when step {self.next_step} was due")
-        self.next_step = n + 1
-        h = self.h(n)
-        if self.history_length == 1:
-            return h * eps if deps is None else h * eps + (0.5 * h * h) * deps
-        g = self.gammas
-        history = self.history = [eps] + self.history[: self.history_length - 1]
-        increment = h * history[0]
-        if len(history) >= 2:
-            d1 = (history[0] - history[1]) / (g[n] - g[n - 1])
-            if len(history) == 3:
-                d_prev = (history[1] - history[2]) / (g[n - 1] - g[n - 2])
-                d2 = (d1 - d_prev) / (g[n] - g[n - 2])
-                d1 = d1 + (g[n] - g[n - 1]) * d2
-                increment = increment + (h**3 / 3.0) * d2  # ⅙ h³ · 2 ε[n, n−1, n−2]
-            increment = increment + (0.5 * h * h) * d1
-        return increment
-
-
-class StepGrid(NamedTuple):
-    """A checked time grid and its γ values, as float64 CPU tensors and as host floats.
-
-    The solvers read every step size and scale (``h_n = γ_{n+1} − γ_n``,
-    ``sqrt(1 + γ_0²)``, ``1/sqrt(1 + γ_n²)``) from the host floats, computed once here, and
-    pass only ``t_n`` and ``γ_n`` as tensors to the model and the head.  Built before a
-    trace, it lets ``torch.export`` run the solver loops unchanged: no value is read from a
-    traced tensor, and the grid enters the graph as constants (:mod:`genie_kernels.export`).
-    """
-
-    ts: Tensor
-    gammas: Tensor
-    t_values: tuple[float, ...]
-    gamma_values: tuple[float, ...]
-
-
-def step_grid(ts, schedule: VPSchedule) -> StepGrid:
-    """The :class:`StepGrid` of the times ``ts`` under ``schedule``: decreasing (sampling) or
-    increasing (encoding, :func:`genie_kernels.encode`); ``ts`` may already be one, and is
-    then returned as it is."""
-    if isinstance(ts, StepGrid):
-        return ts
-    check_schedule(schedule)
-    ts = torch.as_tensor(ts, dtype=torch.float64)
-    encoding = ts.dim() == 1 and ts.numel() >= 2 and bool(ts[1] > ts[0])  # an increasing grid: data → noise
-    ts = checked_grid(ts, may_end_at_zero=True, increasing=encoding)
-    gammas = schedule.gamma(ts)
-    return StepGrid(ts, gammas, tuple(ts.tolist()), tuple(gammas.tolist()))
 
 
 class _Trajectory:

@@ -244,7 +244,7 @@ def test_genie_refuses_a_head_output_of_the_wrong_shape(image_mix, image_noise, 
 
 def test_step_grid_holds_the_grid_as_host_floats_and_solvers_take_it(image_mix, image_noise, schedule):
     """A StepGrid built once gives the solvers the same floats they would compute from ``ts``."""
-    from genie_kernels.ode.solvers import StepGrid, step_grid
+    from genie_kernels.ode.steps import StepGrid, step_grid
 
     ts = time_grid(schedule, 5, 1e-3, "logsnr")
     grid = step_grid(ts, schedule)
