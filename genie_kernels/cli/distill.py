@@ -235,7 +235,7 @@ def run(args) -> int:
                          validate_every=args.validate_every, val_size=args.val_size, val_buckets=args.val_buckets,
                          time_limit=None if args.max_minutes is None else 60.0 * args.max_minutes,
                          progress=not args.no_progress, cond=labels, cond_drop=args.cond_drop,
-                         head_eps=args.head_eps)
+                         head_eps=args.head_eps, log=(lambda line: print(line, flush=True)) if args.no_progress else None)
     except (ValueError, TypeError, OSError, FloatingPointError) as err:  # OSError: unreadable data, a full disk
         kind = "checkpoint error" if isinstance(err, CheckpointError) else "error"
         print(f"distill: {kind}: {err}", file=sys.stderr)

@@ -37,6 +37,7 @@ the checkpoints.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from pathlib import Path
@@ -57,6 +58,8 @@ from .data import (check_conditions, data_sampler, format_validation, hold_out, 
                    paired_sampler, probe_model, relative_errors, validation_set, weighted_loss)
 from .storage import FORMAT, model_identity, stored_cost
 from .recipe import LR_SCHEDULES, any_rank, check_new_output, check_settings, kept_checkpoint, learning_rate
+
+LOGGER = logging.getLogger(__name__)  # where validation reports go without a bar or a log function
 
 __all__ = ["LR_SCHEDULES", "DistillResult", "NonFiniteLossError", "check_new_output", "distill"]
 
@@ -105,6 +108,7 @@ def distill(
     cond=None,
     cond_drop: float = 0.1,
     head_eps: str = "model",
+    log: Optional[Callable[[str], None]] = None,
 ) -> DistillResult:
     """Distil ``head`` onto the exact dε/dγ of the frozen ``model`` (see the module docstring).
 
@@ -132,8 +136,9 @@ def distill(
         validate_every: validate every so many steps (0: only at the end).
         val_size, val_buckets: held-out samples per t-bucket and number of buckets
             (``val_size=0``: no validation).
-        progress: show a progress bar with the loss and the speed, and the validation
-            reports (rank 0).
+        progress: show a progress bar with the loss and the speed (rank 0).
+        log: where the validation reports and the time-limit notice go (rank 0): this
+            function, else beside the progress bar, else this module's logger at INFO.
         callback: ``callback(step, loss)`` after every step.
         time_limit: stop after this many seconds of training (checked after each step);
             the run then ends as if ``steps`` were reached — validation, the head's cost,
@@ -238,6 +243,14 @@ def distill(
                     if c is not None}
         val_buckets_data = val_sets["conditional"]
 
+    def report(text: str, bar) -> None:
+        if log is not None:
+            log(text)
+        elif progress:
+            bar.write(text)
+        else:
+            LOGGER.info(text)
+
     def validate(step: int, bar) -> None:
         if val_buckets_data is None:
             return
@@ -250,8 +263,7 @@ def distill(
                     for row in relative_errors(final.eval(), buckets)]
         final.train(was_training)
         validation.append({"step": step, "buckets": rows})
-        if progress:
-            bar.write(format_validation(step, rows))
+        report(format_validation(step, rows), bar)
 
     def measure_cost() -> None:
         """Set ``head.cost`` to the head's cost relative to one network call (rank 0), on the
@@ -325,7 +337,7 @@ def distill(
                 callback(step, value)
             last = step
             if deadline is not None and step != steps and any_rank(time.monotonic() > deadline, device, world):
-                bar.write(f"time limit of {time_limit:.0f} s reached at step {step}; resume to continue")
+                report(f"time limit of {time_limit:.0f} s reached at step {step}; resume to continue", bar)
                 break
         if start < last:
             validate(last, bar)

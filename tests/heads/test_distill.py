@@ -387,6 +387,22 @@ def test_cli_distill_runs_resumes_and_refuses_an_existing_output(tmp_path, capsy
     assert load_head(out, model=gk.toy_2d()).dim == 2
 
 
+def test_validation_reports_reach_a_log_without_a_bar(tmp_path, capsys, caplog):
+    """A headless run (--no-progress, e.g. under nohup) still prints every validation report;
+    from Python without a bar or log function they go to the module's logger."""
+    from genie_kernels.cli import main
+
+    out = tmp_path / "toy.safetensors"
+    assert main(["distill", "--model", "toy2d", "--out", str(out), "--hidden", "16", "--layers", "1",
+                 "--batch-size", "8", "--val-size", "8", "--steps", "4", "--validate-every", "2",
+                 "--no-progress"]) == 0
+    printed = [line for line in capsys.readouterr().out.splitlines() if "relative error of dε/dγ" in line]
+    assert [line.split()[1] for line in printed][:2] == ["2", "4"]  # the command then repeats the last
+    with caplog.at_level("INFO", logger="genie_kernels.heads.distill"):
+        run(small_head(), small_mixture(), steps=2, val_size=8, val_buckets=1)
+    assert any("relative error of dε/dγ" in r.getMessage() for r in caplog.records)
+
+
 def test_cli_distill_records_the_published_recipe_options(tmp_path):
     """--head-eps noise and --lr-schedule linear reach the run's configuration, so that a
     resume with other options is refused as another run."""
