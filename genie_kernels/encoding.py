@@ -21,7 +21,7 @@ from .checks import check_bool, check_noise, check_number, names_out_of_memory
 from .ode import solvers
 from .ode.guidance import check_guidance_options
 from .ode.schedules import DEFAULT_STRIDING, STRIDINGS, VPSchedule, check_steps, check_t_end, schedule_of, time_grid
-from .ode.solvers import check_model_and_head
+from .ode.solvers import HEAD_SOLVERS, check_model_and_head
 from .sampling import DEFAULT_T_END, ProgressBar
 
 DEFAULT_ENCODE_SOLVER = "ab3"
@@ -98,7 +98,7 @@ def encode(
             raise ValueError("timesteps= is the whole time grid: do not also pass t_end or striding")
         ts = increasing_grid(timesteps)
     guidance = check_guidance_options(cond, 1.0, None, None)
-    extra = {"head": head} if solver == "genie" else {}
+    extra = {"head": head} if solver in HEAD_SOLVERS else {}
     if guidance is not None:
         extra["guidance"] = guidance
     with torch.no_grad(), ProgressBar(progress, ts.numel() - 1, "encode") as bar:  # jvp needs no autograd

@@ -162,7 +162,7 @@ def sample(
     if afs and float(ts[0]) != 1.0:
         raise ValueError(f"afs=True takes the first step with the ε of pure noise, which holds at t = 1 only; the "
                          f"grid starts at t = {float(ts[0]):.6g} (t_start or timesteps): use afs=False")
-    extra = {"head": head} if solver == "genie" else {}
+    extra = {"head": head} if solver in solvers.HEAD_SOLVERS else {}
     if guidance is not None:
         extra["guidance"] = guidance
     with torch.no_grad(), ProgressBar(progress and backend != "cuda_graph", steps, "sample") as bar:

@@ -69,7 +69,7 @@ def test_bad_noise_is_rejected(mix, noise_value, error, message):
         ({"striding": "cosine"}, ValueError, "unknown striding"),
         ({"backend": "tpu"}, ValueError, "unknown backend"),
         ({"solver": "genie"}, ValueError, "needs a distilled head"),
-        ({"solver": "ddim", "head": object()}, ValueError, "only used by solver='genie'"),
+        ({"solver": "ddim", "head": object()}, ValueError, "only used by the solvers"),
         ({"callback": 3}, TypeError, "callback must be callable"),
     ],
 )

@@ -28,7 +28,7 @@ import torch
 
 from ..models.mixture import toy_2d
 from ..ode.schedules import DEFAULT_STRIDING, STRIDINGS
-from ..ode.solvers import SOLVERS
+from ..ode.solvers import HEAD_SOLVERS, SOLVERS
 from ..plotting import IMAGE_SUFFIXES, image_grid, scatter_panels
 from ..sampling import BACKENDS, resolve_backend, sample
 from . import device_from_option, int_at_least, output_file
@@ -110,10 +110,10 @@ def run_model(args, device: torch.device) -> int:
         ranks = Ranks(device)  # under torchrun: the process group, and this rank's CUDA device
         try:
             return run_sharded(args, ranks, *load_pretrained(args.model, device=ranks.device,
-                                                              with_head=args.solver == "genie"))
+                                                              with_head=args.solver in HEAD_SOLVERS))
         finally:
             ranks.close()
-    model, head, schedule = load_pretrained(args.model, device=device, with_head=args.solver == "genie")
+    model, head, schedule = load_pretrained(args.model, device=device, with_head=args.solver in HEAD_SOLVERS)
     dtype = getattr(torch, args.dtype)
     model = model.to(dtype)
     head = head.to(dtype) if head is not None else None
@@ -147,7 +147,7 @@ def run_model(args, device: torch.device) -> int:
                     striding=striding, backend=args.backend, return_nfe=True, cond=labels, **guidance)
     seconds = time.perf_counter() - start
     _write(args.out, lambda path: image_grid(x.float(), path, nrow=nrow))
-    head_note = f" + {nfe:g} head calls, each {head.cost}" if args.solver == "genie" and head.cost else ""
+    head_note = f" + {nfe:g} head calls, each {head.cost}" if args.solver in HEAD_SOLVERS and head.cost else ""
     if labels is not None:
         head_note += (f" digits={args.digits} guidance={args.guidance:g} (each call one batch of {2 * batch}, "
                       "both halves)" if args.guidance != 1.0 else f" digits={args.digits}")
@@ -233,10 +233,10 @@ def run_toy(args, device: torch.device) -> int:
     check_memory(batch, 2, torch.float64)
     noise = torch.randn(batch, 2, generator=gen, dtype=torch.float64).to(device)
     solver = args.solver
-    if solver == "genie":
-        solver = "genie_exact"
-        print("sample: note: the toy has no distilled head; --solver genie runs genie_exact (the exact dε/dγ)",
+    if solver in HEAD_SOLVERS:
+        print(f"sample: note: the toy has no distilled head; --solver {solver} runs genie_exact (the exact dε/dγ)",
               file=sys.stderr)
+        solver = "genie_exact"
     resolve_backend(args.backend, solver, None, noise)  # refuses the second solver before the ddim panel runs
     panels = []
     for name in ("ddim", solver):

@@ -57,7 +57,7 @@ def _solver(solver: str, head):
         raise ValueError(f"calibrated_grid takes the one-step solvers {CALIBRATED_SOLVERS}, not {solver!r} (a "
                          "multistep solver's local error depends on its history)")
     if (solver == "genie") != (head is not None):
-        raise ValueError("solver='genie' needs head=...; the other solvers take none")
+        raise ValueError("solver='genie' needs head=..., and the other solvers take none")
     fn = solvers.SOLVERS[solver]
     if head is None:
         return fn

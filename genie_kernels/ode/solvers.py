@@ -11,6 +11,7 @@ back and are refused there.  They differ only in the Taylor terms they keep:
 ``ddim``       TTM1 (Euler in γ):         ``x̄ ← x̄ + h ε``
 ``genie``      TTM2, head's derivative:   ``x̄ ← x̄ + h ε + ½ h² k_ψ``
 ``genie_exact``TTM2, exact derivative:    ``x̄ ← x̄ + h ε + ½ h² dε/dγ`` (``torch.func.jvp``)
+``genie3``     TTM3, head + history:      ``… + ⅙ h³ (k_n − k_{n−1}) / (γ_n − γ_{n−1})``
 ``ab2``        TTM2, ``dε/dγ ≈ (ε_n − ε_{n−1}) / h_{n−1}`` (variable-step Adams–Bashforth 2)
 ``ab3``        TTM3 with the derivatives of the quadratic through the last three ε
 =============  ======================================================================
@@ -159,9 +160,10 @@ def ddim(model, noise: Tensor, ts: Tensor, schedule: VPSchedule, *, afs=False, d
     return traj.finish(denoise)
 
 
-def _ttm2(traj: _Trajectory, derivative, afs: bool, callback: Callback) -> None:
-    """The TTM2 loop ``x̄ ← x̄ + h ε + ½ h² dε/dγ`` with ``derivative(n) -> (ε, dε/dγ)``."""
-    rule = StepRule("genie", traj.grid.gamma_values)
+def _ttm2(traj: _Trajectory, derivative, afs: bool, callback: Callback, rule: str = "genie") -> None:
+    """The TTM2 loop ``x̄ ← x̄ + h ε + ½ h² dε/dγ`` with ``derivative(n) -> (ε, dε/dγ)`` (or the
+    TTM3 of ``rule="genie3"``, see :class:`~.steps.StepRule`)."""
+    rule = StepRule(rule, traj.grid.gamma_values)
     for n in range(traj.steps):
         if afs and n == 0:
             eps = analytic_eps(traj.x, traj.gammas[n])
@@ -173,14 +175,17 @@ def _ttm2(traj: _Trajectory, derivative, afs: bool, callback: Callback) -> None:
 
 def genie(
     model, noise: Tensor, ts: Tensor, schedule: VPSchedule, head: DerivativeHead,
-    *, afs=False, denoise=False, callback: Callback = None, guidance: Guidance | None = None,
+    *, afs=False, denoise=False, callback: Callback = None, guidance: Guidance | None = None, order: int = 2,
 ) -> SolverOutput:
     """GENIE: TTM2 with dε/dγ predicted by a distilled head, one network call per step.
 
     ``x̄_{n+1} = x̄_n + h_n ε_n + ½ h_n² k_ψ(x_n, ε_n, features_n, temb_n, γ_n)``; with
     guidance ``k = k_u + w (k_c − k_u)``, the head on both halves of the batched call.
+    ``order=3`` adds the TTM3 term from the head's last two outputs (:func:`genie3`).
     """
     check_solver_arguments(noise, afs, denoise)
+    if order not in (2, 3):
+        raise ValueError(f"genie's order must be 2 or 3, got {order!r}")
     if not callable(head):
         raise TypeError(f"genie needs a distilled head, head(x, out, gamma) -> dε/dγ; got {type(head).__name__}")
     traj = _Trajectory(model, noise, ts, schedule, guidance, afs=afs, denoise=denoise)
@@ -194,8 +199,16 @@ def genie(
                              f"at step {n}")
         return call.eps, deps
 
-    _ttm2(traj, derivative, afs, callback)
+    _ttm2(traj, derivative, afs, callback, "genie3" if order == 3 else "genie")
     return traj.finish(denoise)
+
+
+def genie3(model, noise: Tensor, ts: Tensor, schedule: VPSchedule, head: DerivativeHead, *, afs=False, denoise=False,
+           callback: Callback = None, guidance: Guidance | None = None) -> SolverOutput:
+    """GENIE of third order (TTM3), still one network call per step: the head gives dε/dγ and
+    the slope of its last two outputs d²ε/dγ² (see :func:`genie` and :class:`~.steps.StepRule`)."""
+    return genie(model, noise, ts, schedule, head, afs=afs, denoise=denoise, callback=callback, guidance=guidance,
+                 order=3)
 
 
 def genie_exact(
@@ -260,7 +273,8 @@ def ab3(model, noise, ts, schedule, *, afs=False, denoise=False, callback: Callb
                            guidance=guidance)
 
 
-SOLVERS = {"ddim": ddim, "genie": genie, "genie_exact": genie_exact, "ab2": ab2, "ab3": ab3}
+SOLVERS = {"ddim": ddim, "genie": genie, "genie3": genie3, "genie_exact": genie_exact, "ab2": ab2, "ab3": ab3}
+HEAD_SOLVERS = ("genie", "genie3")  # the solvers that take a distilled head
 
 
 def check_model_and_head(model, solver: str, head) -> None:
@@ -268,9 +282,9 @@ def check_model_and_head(model, solver: str, head) -> None:
     (:func:`genie_kernels.sample` and :class:`genie_kernels.GenieSampler`)."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {tuple(SOLVERS)}")
-    if solver == "genie" and head is None:
-        raise ValueError("solver='genie' needs a distilled head (head=...); use solver='genie_exact' without one")
-    if solver != "genie" and head is not None:
-        raise ValueError(f"head= is only used by solver='genie', not {solver!r}")
+    if solver in HEAD_SOLVERS and head is None:
+        raise ValueError(f"solver={solver!r} needs a distilled head (head=...); use solver='genie_exact' without one")
+    if solver not in HEAD_SOLVERS and head is not None:
+        raise ValueError(f"head= is only used by the solvers {HEAD_SOLVERS}, not {solver!r}")
     if not callable(model):
         raise TypeError(f"model must be callable as model(x, t), got {type(model).__name__}")

@@ -55,6 +55,9 @@ class StepRule:
     * ``ddim``: ``h ε``;
     * ``genie`` / ``genie_exact``: ``h ε + ½ h² dε/dγ`` (without dε/dγ, as in an analytic
       first step: ``h ε``);
+    * ``genie3``: TTM3 from the head and its last value,
+      ``h ε + ½ h² k_n + ⅙ h³ (k_n − k_{n−1}) / (γ_n − γ_{n−1})`` (the second derivative as
+      the slope of the head's two last outputs; TTM2 on the first step with a head output);
     * ``ab2`` / ``ab3``: ``h ε + ½ h² p′(γ_n) + ⅙ h³ p″(γ_n)`` from the Newton interpolant
       ``p`` of the last 2 or 3 ε in γ (see :func:`adams_bashforth`); the rule keeps that
       history itself, so it must see every step in order.
@@ -63,7 +66,7 @@ class StepRule:
     :mod:`genie_kernels.k_diffusion` all step through it.
     """
 
-    ORDERS = {"ddim": 1, "genie": 1, "genie_exact": 1, "ab2": 2, "ab3": 3}
+    ORDERS = {"ddim": 1, "genie": 1, "genie_exact": 1, "genie3": 1, "ab2": 2, "ab3": 3}
 
     def __init__(self, solver: str, gammas: Tensor | Sequence[float]):
         if solver not in self.ORDERS:
@@ -73,19 +76,29 @@ class StepRule:
         self.gammas = tuple(gammas.tolist()) if isinstance(gammas, Tensor) else tuple(float(g) for g in gammas)
         self.history_length = self.ORDERS[solver]
         self.history: list[Tensor] = []  # ε_n, ε_{n−1}, ε_{n−2} (Adams–Bashforth only)
+        self.previous_deps: Tensor | None = None  # k_{n−1} (genie3 only)
         self.next_step = 0
 
     def h(self, n: int) -> float:
         return self.gammas[n + 1] - self.gammas[n]
 
     def increment(self, n: int, eps: Tensor, deps: Tensor | None = None) -> Tensor:
-        if n != self.next_step and self.history_length > 1:
-            raise RuntimeError(f"{self.solver} keeps a history of ε and must take the steps in order: step {n} "
+        if n != self.next_step and (self.history_length > 1 or self.solver == "genie3"):
+            raise RuntimeError(f"{self.solver} keeps a history and must take the steps in order: step {n} "
                                f"came when step {self.next_step} was due")
         self.next_step = n + 1
         h = self.h(n)
         if self.history_length == 1:
-            return h * eps if deps is None else h * eps + (0.5 * h * h) * deps
+            if deps is None:
+                self.previous_deps = None
+                return h * eps
+            increment = h * eps + (0.5 * h * h) * deps
+            if self.solver == "genie3":
+                if self.previous_deps is not None:
+                    slope = (deps - self.previous_deps) / (self.gammas[n] - self.gammas[n - 1])
+                    increment = increment + (h**3 / 6.0) * slope
+                self.previous_deps = deps
+            return increment
         g = self.gammas
         history = self.history = [eps] + self.history[: self.history_length - 1]
         increment = h * history[0]

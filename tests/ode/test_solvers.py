@@ -60,6 +60,35 @@ def test_solvers_integrate_polynomials_of_their_order_exactly(schedule):
     assert xbar_error(quadratic, gk.ab2, ts[:3]).abs().max() > 1e-3
 
 
+def test_genie3_with_an_exact_head_integrates_a_quadratic_exactly_after_its_first_step(schedule):
+    """TTM3 from the head and its last output: with the exact dε/dγ of a quadratic ε, the
+    slope of two head outputs is the exact d²ε/dγ², so every step after the first (TTM2,
+    no history yet) is exact, and the whole error is that first step's ⅙ h³ ε'' = h³ c₂/3.
+    GENIE (TTM2) makes that error on every step."""
+    x = torch.randn(2, 3, dtype=f64, generator=torch.Generator().manual_seed(0))
+    ts = time_grid(schedule, 6, 1e-3, "uniform")
+    c = [0.3, -0.02, 1e-4]
+    quadratic = PolynomialEps(schedule, c)
+
+    def exact_head(x, out, gamma):
+        return (c[1] + 2 * c[2] * gamma).view(-1, *([1] * (x.dim() - 1))) * torch.ones_like(x)
+
+    def xbar_error(solver, grid):
+        gamma_end = float(schedule.gamma(grid[-1]))
+        return (solver(quadratic, x, grid, schedule, exact_head).sample - quadratic.exact(x, grid)) \
+            * math.sqrt(1 + gamma_end**2)
+
+    gammas = schedule.gamma(ts).tolist()
+    steps = [g1 - g0 for g0, g1 in zip(gammas[:-1], gammas[1:])]
+    torch.testing.assert_close(xbar_error(gk.genie3, ts), torch.full_like(x, -steps[0] ** 3 * c[2] / 3),
+                               rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(xbar_error(gk.genie, ts), torch.full_like(x, -sum(h**3 for h in steps) * c[2] / 3),
+                               rtol=1e-7, atol=1e-12)
+    assert abs(steps[0] ** 3 * c[2] / 3) > 1e-2  # the first step's error is not negligible
+    with pytest.raises(ValueError, match="order must be 2 or 3"):
+        gk.genie(quadratic, x, ts, schedule, exact_head, order=4)
+
+
 @pytest.mark.parametrize("solver, expected", [("ddim", 1.0), ("genie_exact", 2.0), ("ab2", 2.0)])
 def test_convergence_order(image_mix, image_noise, image_truth, schedule, solver, expected):
     steps = [20, 40, 80]
