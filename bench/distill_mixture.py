@@ -1,13 +1,14 @@
 """Distil a curvature head on the 64-dimensional image mixture and compare samplers.
 
     python bench/distill_mixture.py [--head mlp|conv] [--steps N] [--out PATH]
+    python bench/distill_mixture.py --load PATH     # the tables for a head distilled before
 
 The analytic Gaussian mixture (1×8×8, 4 components, seed 0) has an exact ε, so the
 distillation target and the ground-truth ODE solution need no trained network.  The
 script (1) distils a head in one thread (default 8000 steps of batch 256: about 4
 minutes on the shared 2-core CPU, 221–246 s measured), (2) reports the head's relative dε/dγ error per
-t-bucket on held-out samples, (3) samples 256 noises with ddim, ab2, genie (the head)
-and genie_exact at NFE 5 and 10 and prints the RMSE to the float64 ground truth.
+t-bucket on held-out samples, (3) samples 256 noises with ddim, ab2, genie and genie3 (the
+head) and genie_exact at NFE 5 and 10 and prints the RMSE to the float64 ground truth.
 
 Head: the MLP head (``--head mlp``, 3 × 256).  The mixture's components have their own
 mean and variance at every pixel and dε/dγ depends on the posterior responsibilities
@@ -50,6 +51,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the head's initialisation and of the distillation")
     p.add_argument("--samples", type=int, default=256, help="noises for the RMSE table")
     p.add_argument("--out", default=None, help="checkpoint path (.safetensors); none by default")
+    p.add_argument("--load", default=None, help="skip the distillation: the head of this checkpoint")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -62,33 +64,40 @@ def main() -> None:
         head = ConvHead(1, nf=args.nf, num_blocks=args.blocks, groups=8)
     print(f"head: {head.config()}  parameters: {sum(p.numel() for p in head.parameters())}")
 
-    start = time.perf_counter()
-    result = distill(mixture, head, mixture, schedule, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                     lr_schedule=args.lr_schedule, ema_decay=args.ema, seed=args.seed, validate_every=max(1, args.steps // 4), val_size=128, val_buckets=5,
-                     out=args.out, progress=False)
-    seconds = time.perf_counter() - start
-    print(f"distillation: {args.steps} steps, batch {args.batch_size}, {seconds:.1f} s (1 thread); "
-          f"loss first 100 {sum(result.losses[:100]) / 100:.4f}, last 100 {sum(result.losses[-100:]) / 100:.4f}")
-    head = result.head
+    if args.load:
+        from genie_kernels.heads.files import load_head
+
+        head = load_head(args.load, model=mixture)
+        print(f"loaded {args.load}")
+    else:
+        start = time.perf_counter()
+        result = distill(mixture, head, mixture, schedule, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         lr_schedule=args.lr_schedule, ema_decay=args.ema, seed=args.seed,
+                         validate_every=max(1, args.steps // 4), val_size=128, val_buckets=5, out=args.out,
+                         progress=False)
+        seconds = time.perf_counter() - start
+        print(f"distillation: {args.steps} steps, batch {args.batch_size}, {seconds:.1f} s (1 thread); "
+              f"loss first 100 {sum(result.losses[:100]) / 100:.4f}, last 100 {sum(result.losses[-100:]) / 100:.4f}")
+        head = result.head
+        print("held-out " + format_validation(result.step, result.validation[-1]["buckets"]))
     # The analytic ε of the mixture costs about as much as a tiny MLP, so the head's cost
     # relative to it says nothing about a real network; the table counts network calls.
-    overhead = head.cost.time
-    print("held-out " + format_validation(result.step, result.validation[-1]["buckets"]))
+    overhead = head.cost.time if head.cost is not None else float("nan")
     fine = validation_set(mixture, mixture, schedule, size=128, buckets=10, seed=12345)
-    print("finer   " + format_validation(result.step, relative_errors(head, fine)))
+    print("finer   " + format_validation(0 if args.load else result.step, relative_errors(head, fine)))
 
     gen = torch.Generator().manual_seed(1)
     noise = torch.randn(args.samples, 1, 8, 8, generator=gen, dtype=torch.float64)
     reference = ground_truth(mixture, noise, schedule)
     print(f"measured head cost relative to one call of the analytic mixture ε: {overhead:.2f} (not counted below)")
     print("\nRMSE to the ground truth (float64, quadratic striding, t_end = 1e-3)")
-    print(f"{'setting':>10s} {'NFE':>4s} {'steps':>5s} " + " ".join(f"{s:>18s}" for s in ("ddim", "ab2", "genie(head)", "genie_exact")))
+    print(f"{'setting':>10s} {'NFE':>4s} {'steps':>5s} " + " ".join(f"{s:>18s}" for s in ("ddim", "ab2", "genie(head)", "genie3(head)", "genie_exact")))
     for afs in (False, True):
         for nfe in (5, 10):
             steps = nfe + 1 if afs else nfe
             cells = []
-            for solver in ("ddim", "ab2", "genie", "genie_exact"):
-                extra = {"head": head} if solver == "genie" else {}
+            for solver in ("ddim", "ab2", "genie", "genie3", "genie_exact"):
+                extra = {"head": head} if solver in ("genie", "genie3") else {}
                 x, used = sample(mixture, noise, steps, solver=solver, afs=afs, schedule=schedule, return_nfe=True, **extra)
                 cells.append(f"{rmse(x, reference):.4f} (NFE {used:g})")
             print(f"{'AFS' if afs else 'no AFS':>10s} {nfe:>4d} {steps:>5d} " + " ".join(f"{c:>18s}" for c in cells))
