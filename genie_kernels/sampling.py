@@ -148,8 +148,8 @@ def sample(
         check_bool(name, value)
     check_model_and_head(model, solver, head)
     guidance = check_guidance_options(cond, guidance_scale, uncond, guidance_interval)
-    if guidance is not None:
-        guided_models(model, guidance, noise)  # the condition's checks, before any sampling work
+    # the condition's checks, before any sampling work; the fused loops call these models
+    guided = None if guidance is None else guided_models(model, guidance, noise)
     schedule = schedule_of(model, schedule)
     if timesteps is None:
         ts = time_grid(schedule, steps, t_end, striding, 1.0 if t_start is None else t_start)
@@ -184,8 +184,7 @@ def sample(
             from .fast.sampler import fused_solve
 
             out = fused_solve(chosen, solver, model, noise, ts, schedule, head, afs=afs, denoise=denoise,
-                              callback=callback,
-                              guidance=None if guidance is None else guided_models(model, guidance, noise))
+                              callback=callback, guidance=guided)
         else:
             out = solvers.SOLVERS[solver](model, noise, ts, schedule, **extra, afs=afs, denoise=denoise, callback=callback)
     if check_finite and not torch.isfinite(out.sample).all():

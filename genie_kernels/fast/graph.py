@@ -205,21 +205,21 @@ class GenieSampler:
                 f"'reference' for this model. CUDA said: {str(err).strip().splitlines()[0]}") from err
         torch.cuda.synchronize(noise.device)
         self._graph = graph
-        self.key = self._key(noise, cond, uncond)
+        self.key = self._key(noise, cond)
         self.capture_seconds = time.perf_counter() - start
 
     @staticmethod
-    def _key(noise: Tensor, cond, uncond) -> tuple:
-        def layout(value):
-            return None if not isinstance(value, Tensor) else (tuple(value.shape), value.dtype)
-        return (tuple(noise.shape), noise.dtype, noise.device, layout(cond), uncond is not None and layout(uncond))
+    def _key(noise: Tensor, cond) -> tuple:
+        """What a graph is captured for: the noise's and the condition's layouts.  A null
+        condition is copied into the graph's buffer like the condition (same shape)."""
+        layout = None if not isinstance(cond, Tensor) else (tuple(cond.shape), cond.dtype)
+        return (tuple(noise.shape), noise.dtype, noise.device, layout)
 
     def __call__(self, noise: Tensor, cond=None, uncond=None) -> Tensor:
         check_noise(noise, finite=self.check_finite)
         if cond is None and (uncond is not None or self.guidance_scale != 1.0 or self.guidance_interval is not None):
             raise ValueError("this GenieSampler guides (guidance_scale, guidance_interval or uncond): call it with cond=...")
-        key = self._key(noise, cond, uncond)
-        if key != self.key and not (self.key is not None and uncond is None and key[:4] == self.key[:4]):
+        if self._key(noise, cond) != self.key:
             self.capture(noise, cond, uncond)
         elif cond is not None:
             self._guided.set_condition(cond, uncond)  # a null condition not given again stays as it was

@@ -105,9 +105,14 @@ def calibrated_grid(model, noise: Tensor, steps: int, *, solver: str = "genie", 
     states = ode_solution(model, noise, fine, schedule, steps_per_unit=steps_per_unit).to(noise.dtype)
     target = states[-1]
 
+    measured: dict[tuple, list[float]] = {}  # grid indices -> local errors: each grid's steps run once
+
     def local_errors(idx: list[int]) -> list[float]:
-        return [rmse(_one_step(solve, model, states[i], float(fine[i]), float(fine[j]), schedule, afs and i == 0),
+        if tuple(idx) not in measured:
+            measured[tuple(idx)] = [
+                rmse(_one_step(solve, model, states[i], float(fine[i]), float(fine[j]), schedule, afs and i == 0),
                      states[j]) for i, j in zip(idx[:-1], idx[1:])]
+        return measured[tuple(idx)]
 
     def whole_solve(ts: Tensor) -> float:
         out = solve(model, noise, ts, schedule, afs=afs).sample
